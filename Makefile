@@ -1,0 +1,38 @@
+# Everything a fresh machine needs: `make run` serves, `make test` tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-unit test-conformance bench bench-quick definitions clean
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the server on the embedded SQLite database under ./.fhir-data (http://127.0.0.1:8080/fhir/default).
+run: install
+	$(BIN)/fhir-server migrate
+	$(BIN)/fhir-server serve
+
+## Run every test: SQLite always, PostgreSQL when reachable (FHIR_TEST_POSTGRES_URL or 127.0.0.1:5432).
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests
+
+test-conformance: install
+	$(BIN)/python -m pytest conformance_tests
+
+## Rebuild the package data from the official definitions in ../shared (developers only).
+definitions:
+	$(PYTHON) tools/compile_definitions.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

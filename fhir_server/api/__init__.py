@@ -1,0 +1,1 @@
+"""HTTP only: routes, content negotiation, headers, OperationOutcome rendering."""

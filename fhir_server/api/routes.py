@@ -1,0 +1,97 @@
+"""HTTP to engine and back: every FHIR URL under /fhir/{tenant} goes through one view."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flask import Blueprint, Response, current_app, request
+
+from fhir_server import fhirjson
+from fhir_server.api import negotiation
+from fhir_server.api.rendering import render
+from fhir_server.engine.request import FhirRequest
+from fhir_server.errors import BadRequest, NotFound
+
+if TYPE_CHECKING:
+    from fhir_server.engine.engine import Engine
+    from fhir_server.settings import Settings
+
+bp = Blueprint("fhir", __name__)
+
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+_RETURN_VALUES = {"minimal", "representation", "OperationOutcome"}
+
+
+@bp.route("/fhir/<tenant>", defaults={"rest": ""}, methods=METHODS, strict_slashes=False)
+@bp.route("/fhir/<tenant>/<path:rest>", methods=METHODS)
+def fhir(tenant: str, rest: str) -> Response:
+    engine: Engine = current_app.extensions["fhir_engine"]
+    settings: Settings = current_app.extensions["fhir_settings"]
+    segments = tuple(rest.split("/")) if rest else ()
+    if segments and segments[-1] == "":
+        segments = segments[:-1]
+    if any(s == "" for s in segments):
+        raise NotFound("Empty path segment in the URL")
+    media_type = negotiation.response_type(request.args.get("_format"), request.headers.get("Accept"))
+    body = None
+    if request.method in ("POST", "PUT", "PATCH"):
+        body = _read_body(settings)
+    prefer_return, prefer_handling = _prefer(request.headers.get("Prefer"))
+    req = FhirRequest(
+        method=request.method,
+        tenant=tenant,
+        path=segments,
+        base_url=_base_url(settings, tenant),
+        params=tuple((k, v) for k, v in request.args.items(multi=True)),
+        body=body,
+        if_match=request.headers.get("If-Match"),
+        if_none_match=request.headers.get("If-None-Match"),
+        if_modified_since=request.headers.get("If-Modified-Since"),
+        if_none_exist=request.headers.get("If-None-Exist"),
+        prefer_return=prefer_return,
+        prefer_handling=prefer_handling,
+    )
+    request.environ["fhir.route"] = _route_label(engine, segments)
+    return render(engine.handle(req), media_type)
+
+
+def _read_body(settings: Settings) -> object:
+    data = request.get_data(cache=False)
+    if not data:
+        if request.method == "PATCH":
+            raise BadRequest("The request body is empty; a patch document was expected", code="required")
+        raise BadRequest("The request body is empty; a FHIR resource was expected", code="required")
+    negotiation.check_body_type(request.headers.get("Content-Type"))
+    return fhirjson.parse(data, max_depth=settings.max_json_depth)
+
+
+def _prefer(header: str | None) -> tuple[str | None, str | None]:
+    ret = handling = None
+    if header:
+        for part in header.split(","):
+            for token in part.split(";"):
+                name, _, value = token.strip().partition("=")
+                value = value.strip().strip('"')
+                if name.strip() == "return" and value in _RETURN_VALUES:
+                    ret = value
+                elif name.strip() == "handling" and value in ("strict", "lenient"):
+                    handling = value
+    return ret, handling
+
+
+def _base_url(settings: Settings, tenant: str) -> str:
+    root = settings.base_url.rstrip("/") if settings.base_url else request.host_url.rstrip("/") + request.script_root
+    return f"{root}/fhir/{tenant}"
+
+
+def _route_label(engine: Engine, segments: tuple[str, ...]) -> str:
+    """The URL's shape for logs: resource types and keywords kept; ids, versions and anything else masked."""
+    labels = []
+    for i, seg in enumerate(segments):
+        if (i == 0 and (engine.registry.is_resource_type(seg) or seg == "metadata")) or (
+            seg.startswith(("_", "$")) and seg[1:].replace("-", "").isalnum() and len(seg) <= 40
+        ):
+            labels.append(seg)
+        else:
+            labels.append("{vid}" if i == 3 else "{id}" if i == 1 else "{?}")
+    return "/" + "/".join(labels)

@@ -1,0 +1,90 @@
+"""The application factory: wiring only, no logic."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from fhir_server import logs
+from fhir_server.api import health, routes
+from fhir_server.api.rendering import fhir_error, http_error, render_outcome, unexpected_error
+from fhir_server.capability.registry import load_registry
+from fhir_server.engine.engine import Engine
+from fhir_server.errors import FhirError, Issue, operation_outcome
+from fhir_server.security.crypto import cipher_named
+from fhir_server.security.keys import provider_from_settings
+from fhir_server.settings import Settings, SettingsError
+from fhir_server.storage.database import Database
+from fhir_server.storage.store import Storage
+
+access_log = logging.getLogger("fhir_server.access")
+log = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.load()
+    logs.configure(settings.log_level)
+    access_log.disabled = not settings.access_log
+    if settings.production and settings.cipher == "null":
+        raise SettingsError("FHIR_CIPHER=null (no encryption) is refused in production")
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+
+    db = Database(settings.effective_database_url, settings)
+    storage = Storage(db, provider_from_settings(settings), cipher_named(settings.cipher), settings)
+    engine = Engine(load_registry(), storage, settings)
+    app.extensions["fhir_settings"] = settings
+    app.extensions["fhir_storage"] = storage
+    app.extensions["fhir_engine"] = engine
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(routes.bp)
+    app.register_error_handler(FhirError, fhir_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(OperationalError, _database_unavailable)
+    app.register_error_handler(Exception, unexpected_error)
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    return app
+
+
+def _database_unavailable(exc: OperationalError) -> Response:
+    log.error("database unavailable", extra={"error_type": type(exc.orig).__name__ if exc.orig else "unknown"})
+    outcome = operation_outcome([Issue("The database is unavailable; retry later", "transient")])
+    return render_outcome(503, outcome, {"Retry-After": "5"})
+
+
+def _start_request() -> None:
+    incoming = request.headers.get("X-Request-Id", "")
+    rid = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    g.request_id = rid
+    g.started = time.perf_counter()
+    logs.request_id.set(rid)
+
+
+def _finish_request(response: Response) -> Response:
+    rid = g.get("request_id")
+    if rid:
+        response.headers["X-Request-Id"] = rid
+    started = g.get("started")
+    if not access_log.isEnabledFor(logging.INFO):
+        return response
+    access_log.info(
+        "request",
+        extra={
+            "method": request.method,
+            "route": request.environ.get("fhir.route", request.url_rule.rule if request.url_rule else "{unknown}"),
+            "status": response.status_code,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2) if started else None,
+        },
+    )
+    return response

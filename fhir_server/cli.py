@@ -1,0 +1,255 @@
+"""The ``fhir-server`` command: serve, migrate, tenants, keys."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fhir_server.settings import Settings, SettingsError
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.load()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _storage(settings: Settings, *, migration_role: bool = False) -> Any:
+    from fhir_server.security.crypto import cipher_named
+    from fhir_server.security.keys import provider_from_settings
+    from fhir_server.storage.database import Database
+    from fhir_server.storage.store import Storage
+
+    url = settings.effective_migration_url if migration_role else settings.effective_database_url
+    try:
+        provider = provider_from_settings(settings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    return Storage(Database(url, settings, pooled=False), provider, cipher_named(settings.cipher), settings)
+
+
+@click.group()
+def main() -> None:
+    """A FHIR R4 server: encrypted storage, tenants, SMART on FHIR."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default FHIR_HOST, 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port (default FHIR_PORT, 8080).")
+@click.option("--workers", default=None, type=int, help="Worker processes (default FHIR_WORKERS).")
+@click.option("--threads", default=None, type=int, help="Threads per worker (default FHIR_THREADS).")
+def serve(host: str | None, port: int | None, workers: int | None, threads: int | None) -> None:
+    """Run the server under gunicorn."""
+    from fhir_server import logs
+    from fhir_server.security.keys import provider_from_settings
+    from fhir_server.serve import run
+    from fhir_server.storage import migrate
+    from fhir_server.storage.database import Database
+
+    try:
+        settings = Settings.load(host=host, port=port, workers=workers, threads=threads)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.configure(settings.log_level)
+    if not _is_loopback(settings.host):
+        raise click.ClickException(
+            f"refusing to bind to {settings.host}: until SMART authorization is enabled the server "
+            "listens on loopback addresses only (127.0.0.1, ::1, localhost)"
+        )
+    try:
+        provider_from_settings(settings)  # make (or check) the master key before workers start
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    db = Database(settings.effective_database_url, settings, pooled=False)
+    try:
+        with db.transaction(write=False) as conn:
+            current = migrate.current_revision(conn)
+    except Exception as exc:  # noqa: BLE001 - any connection failure ends here with a clear message
+        raise click.ClickException(f"cannot reach the database: {type(exc).__name__}") from None
+    finally:
+        db.dispose()
+    if current != migrate.head_revision():
+        raise click.ClickException(
+            f"the database schema is at {current or 'nothing'}, this build needs {migrate.head_revision()}: "
+            "run `fhir-server migrate` first"
+        )
+    click.echo(f"fhir-server listening on http://{_host_for_url(settings.host)}:{settings.port}/fhir/default", err=True)
+    run(settings)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+@main.command()
+def migrate() -> None:
+    """Apply database migrations (as the table owner) and give every tenant its keys."""
+    from fhir_server.security.keys import provider_from_settings
+    from fhir_server.storage import migrate as migration
+
+    settings = _settings()
+    try:
+        provider = provider_from_settings(settings)
+        done = migration.upgrade(settings, provider)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in done or ["the database is up to date"]:
+        click.echo(line)
+
+
+@main.group()
+def tenants() -> None:
+    """Create, list and delete tenants."""
+
+
+@tenants.command("create")
+@click.argument("name")
+def tenants_create(name: str) -> None:
+    """Add a tenant (served at /fhir/NAME)."""
+    from fhir_server.storage import tenants as tenant_store
+
+    storage = _storage(_settings(), migration_role=True)
+    try:
+        with storage.db.transaction(write=True) as conn:
+            tenant = tenant_store.create(conn, name, storage.provider)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"created tenant {tenant.name} (id {tenant.id})")
+
+
+@tenants.command("list")
+def tenants_list() -> None:
+    """List tenants."""
+    from fhir_server.storage import tenants as tenant_store
+
+    storage = _storage(_settings())
+    with storage.db.transaction(write=False) as conn:
+        for t in tenant_store.list_tenants(conn):
+            click.echo(f"{t.name}\t{t.status}\tdata-key v{t.data_key_version}")
+
+
+@tenants.command("delete")
+@click.argument("name")
+@click.option("--crypto-shred", is_flag=True, required=True, help="Destroy the tenant's keys first (required).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def tenants_delete(name: str, crypto_shred: bool, yes: bool) -> None:
+    """Delete a tenant: destroy its keys (its data is unreadable from that moment), then remove its rows."""
+    from fhir_server.storage import maintenance
+    from fhir_server.storage import tenants as tenant_store
+
+    if not yes:
+        click.confirm(f"Destroy tenant {name!r} and all its data? This cannot be undone", abort=True)
+    storage = _storage(_settings(), migration_role=True)
+    with storage.db.transaction(write=True) as conn:
+        found = [t for t in tenant_store.list_tenants(conn) if t.name == name]
+        if not found:
+            raise click.ClickException(f"no tenant {name!r}")
+        tenant = found[0]
+        tenant_store.shred_keys(conn, tenant)
+    click.echo(f"tenant {name}: keys destroyed; its data can no longer be decrypted")
+    with click.progressbar(length=0, label="removing rows", show_pos=True) as bar:
+        removed = maintenance.purge_tenant(storage, tenant.id, progress=bar.update)
+    click.echo(f"tenant {name}: {removed} rows removed")
+
+
+@main.group()
+def keys() -> None:
+    """Rotate data keys and master keys; re-encrypt."""
+
+
+@keys.command("rotate")
+@click.option("--tenant", "tenant_name", required=True)
+def keys_rotate(tenant_name: str) -> None:
+    """Add a data-key version for a tenant; new writes use it, older versions stay readable."""
+    from fhir_server.storage import tenants as tenant_store
+
+    storage = _storage(_settings(), migration_role=True)
+    try:
+        with storage.db.transaction(write=True) as conn:
+            tenant = tenant_store.lookup(conn, tenant_name)
+            version = tenant_store.rotate_data_key(conn, tenant, storage.provider)
+    except tenant_store.TenantNotFound:
+        raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    click.echo(f"tenant {tenant_name}: data key version {version} is now used for new writes")
+
+
+@keys.command("reencrypt")
+@click.option("--tenant", "tenant_name", required=True)
+@click.option("--batch-size", default=500, show_default=True)
+def keys_reencrypt(tenant_name: str, batch_size: int) -> None:
+    """Re-seal every stored version under the tenant's current data key (resumable)."""
+    from fhir_server.storage import maintenance
+    from fhir_server.storage.tenants import TenantNotFound
+
+    storage = _storage(_settings(), migration_role=True)
+    try:
+        total = maintenance.count_stale_versions(storage, tenant_name)
+        with click.progressbar(length=total, label="re-encrypting", show_pos=True, file=sys.stderr) as bar:
+            done = maintenance.reencrypt(storage, tenant_name, batch_size=batch_size, progress=bar.update)
+    except TenantNotFound:
+        raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    click.echo(f"tenant {tenant_name}: {done} versions re-encrypted")
+
+
+@keys.command("rotate-master")
+@click.option("--new-key-file", type=click.Path(path_type=Path), help="Take the new master key from this file.")
+def keys_rotate_master(new_key_file: Path | None) -> None:
+    """Re-wrap every tenant key under a new master key (data keys and data are unchanged)."""
+    from fhir_server.security.keys import LocalKeyProvider, key_file_path, read_key_file, write_key_file
+    from fhir_server.storage import tenants as tenant_store
+
+    settings = _settings()
+    storage = _storage(settings, migration_role=True)
+    old = storage.provider
+    path = key_file_path(settings)
+    if new_key_file is not None:
+        new_key = read_key_file(new_key_file)[0]
+    elif path is not None:
+        new_key = os.urandom(32)
+    else:
+        raise click.ClickException("the master key comes from FHIR_MASTER_KEY: pass --new-key-file with the new key")
+    if path is not None:
+        # Keep the old keys in the file until every wrapped key has moved: a crash leaves both usable.
+        existing = read_key_file(path)
+        write_key_file(path, [new_key, *[k for k in existing if k != new_key]])
+    new = LocalKeyProvider([new_key], source="new master key")
+    count = 0
+    with storage.db.transaction(write=True) as conn:
+        for tenant in tenant_store.list_tenants(conn):
+            count += tenant_store.rewrap_keys(conn, tenant, old, new)
+    if path is not None:
+        write_key_file(path, [new_key])
+        click.echo(f"re-wrapped {count} keys; {path} now holds only the new master key")
+    else:
+        click.echo(f"re-wrapped {count} keys; set FHIR_MASTER_KEY to the key in {new_key_file} and restart the server")
+
+
+@keys.command("generate-master")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Key file to create (mode 0600).")
+def keys_generate_master(output: Path) -> None:
+    """Create a master key file for FHIR_MASTER_KEY_FILE."""
+    from fhir_server.security.keys import write_key_file
+
+    if output.exists():
+        raise click.ClickException(f"{output} exists; refusing to overwrite a master key")
+    write_key_file(output, [os.urandom(32)])
+    click.echo(f"wrote a new master key to {output} (mode 0600); back it up: without it the data is lost")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

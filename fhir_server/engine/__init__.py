@@ -1,0 +1,1 @@
+"""The FHIR interactions, transport-agnostic: ``Engine.handle(FhirRequest) -> FhirResponse``."""

@@ -1,0 +1,141 @@
+"""The engine: one entry point, ``Engine.handle(FhirRequest) -> FhirResponse``, for every door.
+
+It routes the request to its interaction, and turns storage and crypto failures
+into ``FhirError``s (so callers see one error type). It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from fhir_server.capability.registry import Registry
+from fhir_server.capability.statement import Features, capability_statement
+from fhir_server.clock import now_us
+from fhir_server.engine import history, resources
+from fhir_server.engine.request import FhirRequest, FhirResponse
+from fhir_server.errors import (
+    FhirError,
+    IntegrityFailure,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+)
+from fhir_server.fhirjson import RawJson, dumps
+from fhir_server.security.crypto import IntegrityError
+from fhir_server.security.keys import KeyUnavailable
+from fhir_server.settings import Settings
+from fhir_server.storage.repository import AlreadyExists, VersionConflict
+from fhir_server.storage.store import Storage
+from fhir_server.storage.tenants import TenantNotFound
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, registry: Registry, storage: Storage, settings: Settings, features: Features | None = None) -> None:
+        self.registry = registry
+        self.storage = storage
+        self.settings = settings
+        self.features = features or Features()
+        self.started_at = now_us()
+        self._statements: dict[str, RawJson] = {}
+        self._lock = threading.Lock()
+
+    def handle(self, req: FhirRequest) -> FhirResponse:
+        try:
+            return self._route(req)
+        except TenantNotFound:
+            raise NotFound(f"Unknown tenant {req.tenant[:63]!r}", expression="tenant") from None
+        except VersionConflict as exc:
+            if exc.current is None:
+                raise PreconditionFailed("If-Match was given but the resource does not exist", expression="If-Match") from None
+            raise PreconditionFailed(
+                f"If-Match does not match the current version (W/\"{exc.current}\"); read the resource and retry",
+                expression="If-Match",
+                headers={"ETag": f'W/"{exc.current}"'},
+            ) from None
+        except AlreadyExists:
+            raise FhirError("A resource with this id already exists", status=409, code="duplicate") from None
+        except (IntegrityError, KeyUnavailable) as exc:
+            log.error("stored record failed its integrity check", extra={"tenant": req.tenant, "reason": str(exc)})
+            raise IntegrityFailure(
+                "A stored record failed its integrity check (it was altered, moved, or its key is unavailable); "
+                "the incident has been logged"
+            ) from None
+
+    def _route(self, req: FhirRequest) -> FhirResponse:
+        path, method = req.path, req.method
+        n = len(path)
+        if method == "HEAD":
+            method = "GET"
+        if n == 0:
+            raise MethodNotAllowed(
+                f"{method} on the base URL (batch, transaction and system search) is not supported by this server yet"
+            )
+        head = path[0]
+        if head == "metadata" and n == 1:
+            self._only(method, ("GET",))
+            return self.capabilities(req)
+        if head == "_history" and n == 1:
+            self._only(method, ("GET",))
+            return history.history(self, req)
+        if head.startswith("$"):
+            raise NotFound(f"Unknown operation {head[:64]!r}", code="not-supported")
+        rtype = self._resource_type(head)
+        if n == 1:
+            if method == "POST":
+                return resources.create(self, req, rtype)
+            if method == "GET":
+                raise MethodNotAllowed(f"Search on {rtype} is not supported by this server yet", code="not-supported")
+            raise MethodNotAllowed(f"{method} is not allowed on {rtype}; use POST to create or PUT {rtype}/[id] to update")
+        second = path[1]
+        if second == "_history" and n == 2:
+            self._only(method, ("GET",))
+            return history.history(self, req, rtype)
+        if second.startswith("$") or second == "_search":
+            raise NotFound(f"Unknown operation {second[:64]!r} on {rtype}", code="not-supported")
+        rid = second
+        if n == 2:
+            if method == "GET":
+                return resources.read(self, req, rtype, rid)
+            if method == "PUT":
+                return resources.update(self, req, rtype, rid)
+            if method == "DELETE":
+                return resources.delete(self, req, rtype, rid)
+            raise MethodNotAllowed(f"{method} is not allowed on {rtype}/{rid[:64]}; use GET, PUT or DELETE")
+        if path[2] == "_history":
+            if n == 3:
+                self._only(method, ("GET",))
+                return history.history(self, req, rtype, rid)
+            if n == 4:
+                self._only(method, ("GET",))
+                return resources.vread(self, req, rtype, rid, path[3])
+        if path[2].startswith("$"):
+            raise NotFound(f"Unknown operation {path[2][:64]!r} on {rtype}/{rid[:64]}", code="not-supported")
+        raise NotFound(f"No FHIR interaction at {'/'.join(p[:64] for p in path)[:200]!r}")
+
+    def _resource_type(self, name: str) -> str:
+        if self.registry.is_resource_type(name):
+            return name
+        raise NotFound(f"Unknown resource type {name[:64]!r}; this server serves the FHIR R4 resource types", code="not-supported")
+
+    @staticmethod
+    def _only(method: str, allowed: tuple[str, ...]) -> None:
+        if method not in allowed:
+            raise MethodNotAllowed(f"{method} is not allowed here; use {' or '.join(allowed)}")
+
+    def capabilities(self, req: FhirRequest) -> FhirResponse:
+        with self.storage.session(req.tenant, write=False):
+            pass  # an unknown tenant is a 404 here too
+        statement = self._statements.get(req.base_url)
+        if statement is None:
+            body: dict[str, Any] = capability_statement(self.registry, req.base_url, self.started_at, self.features)
+            statement = RawJson(dumps(body))
+            with self._lock:
+                if len(self._statements) > 64:  # base URLs come from Host headers: keep the cache bounded
+                    self._statements.clear()
+                self._statements[req.base_url] = statement
+        return FhirResponse(200, statement)
+

@@ -1,0 +1,181 @@
+"""Instance interactions: read, vread, create, update, delete."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fhir_server import fhirjson
+from fhir_server.capability.validation import ID_PATTERN, validate_resource
+from fhir_server.clock import http_date, instant, parse_http_date
+from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, FhirRequest, FhirResponse
+from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outcome
+from fhir_server.fhirjson import RawJson
+from fhir_server.storage.repository import VersionRecord
+
+if TYPE_CHECKING:
+    from fhir_server.engine.engine import Engine
+
+
+def check_id(rid: str, where: str = "id") -> str:
+    if not ID_PATTERN.fullmatch(rid):
+        raise BadRequest(
+            f"Invalid resource id {rid[:80]!r}: 1 to 64 characters of A-Z, a-z, 0-9, '-' and '.'", expression=where
+        )
+    return rid
+
+
+def parse_etag(value: str, header: str) -> int:
+    """The version in an ETag (W/"3", "3" or 3)."""
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit() or len(text) > 9:
+        raise BadRequest(f"{header} must be a version ETag such as W/\"3\", not {value[:40]!r}", expression=header)
+    return int(text)
+
+
+def version_headers(engine: Engine, req: FhirRequest, rec: VersionRecord) -> dict[str, str]:
+    return {
+        "ETag": f'W/"{rec.version}"',
+        "Last-Modified": http_date(rec.last_updated),
+        "Content-Location": f"{req.base_url}/{rec.res_type}/{rec.res_id}/_history/{rec.version}",
+    }
+
+
+def stamp(resource: dict[str, Any], rid: str, version: int, last_updated: int) -> bytes:
+    """The stored form: the server's id, versionId and lastUpdated; the client's meta otherwise kept."""
+    meta = dict(resource.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = instant(last_updated)
+    out: dict[str, Any] = {"resourceType": resource["resourceType"], "id": rid, "meta": meta}
+    for key, value in resource.items():
+        if key not in out:
+            out[key] = value
+    return fhirjson.dumps(out)
+
+
+def validated_body(engine: Engine, req: FhirRequest, rtype: str) -> tuple[dict[str, Any], list[Issue]]:
+    body = req.body
+    if body is None:
+        raise BadRequest(f"The request has no body; a {rtype} resource was expected", code="required")
+    if not isinstance(body, dict):
+        raise BadRequest(f"The body must be a JSON object (a {rtype} resource)", code="structure")
+    declared = body.get("resourceType")
+    if declared != rtype:
+        if declared is None:
+            raise BadRequest(f"The body has no resourceType; expected {rtype!r}", expression="resourceType", code="required")
+        raise BadRequest(
+            f"The body's resourceType {str(declared)[:64]!r} does not match the URL's {rtype!r}",
+            expression="resourceType",
+        )
+    warnings = validate_resource(engine.registry, body, missing_required=engine.settings.validate_required)
+    return body, warnings
+
+
+def write_response(
+    req: FhirRequest, rec: VersionRecord, status: int, headers: dict[str, str], warnings: list[Issue], message: str
+) -> FhirResponse:
+    if req.prefer_return == RETURN_MINIMAL:
+        return FhirResponse(status, None, headers)
+    if req.prefer_return == RETURN_OUTCOME:
+        issues = [Issue(message, code="informational", severity="information"), *warnings]
+        return FhirResponse(status, operation_outcome(issues), headers)
+    return FhirResponse(status, RawJson(rec.body or b""), headers)
+
+
+def read(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
+    check_id(rid)
+    with engine.storage.session(req.tenant, write=False) as repo:
+        rec = repo.read(rtype, rid)
+    if rec is None:
+        raise NotFound(f"{rtype}/{rid} is not known", expression="id")
+    if rec.deleted:
+        raise Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{rec.version}"'})
+    headers = version_headers(engine, req, rec)
+    if not_modified(req, rec):
+        return FhirResponse(304, None, headers)
+    return FhirResponse(200, RawJson(rec.body or b""), headers)
+
+
+def not_modified(req: FhirRequest, rec: VersionRecord) -> bool:
+    if req.if_none_match is not None:
+        wanted = {tag.strip() for tag in req.if_none_match.split(",")}
+        return "*" in wanted or any(_etag_version(tag) == rec.version for tag in wanted)
+    if req.if_modified_since is not None:
+        since = parse_http_date(req.if_modified_since)
+        if since is not None:
+            # HTTP dates have whole seconds: compare at that precision.
+            return rec.last_updated // 1_000_000 <= since // 1_000_000
+    return False
+
+
+def _etag_version(tag: str) -> int | None:
+    text = tag[2:] if tag.startswith("W/") else tag
+    text = text.strip('"')
+    return int(text) if text.isdigit() else None
+
+
+def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> FhirResponse:
+    check_id(rid)
+    if not vid.isdigit() or len(vid) > 9:
+        raise NotFound(f"{rtype}/{rid} has no version {vid[:40]!r}; versions are whole numbers", expression="vid")
+    with engine.storage.session(req.tenant, write=False) as repo:
+        rec = repo.vread(rtype, rid, int(vid))
+    if rec is None:
+        raise NotFound(f"{rtype}/{rid} has no version {vid}")
+    if rec.deleted:
+        raise Gone(f"Version {vid} of {rtype}/{rid} is a deletion", headers={"ETag": f'W/"{rec.version}"'})
+    headers = version_headers(engine, req, rec)
+    if not_modified(req, rec):
+        return FhirResponse(304, None, headers)
+    return FhirResponse(200, RawJson(rec.body or b""), headers)
+
+
+def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
+    body, warnings = validated_body(engine, req, rtype)
+    if req.if_none_exist is not None:
+        raise BadRequest("Conditional create (If-None-Exist) is not supported by this server yet", code="not-supported")
+    rid = str(uuid.uuid4())  # the client's id, if any, is ignored (FHIR R4 create)
+    with engine.storage.session(req.tenant, write=True) as repo:
+        result = repo.write(
+            rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="POST", create_only=True
+        )
+    rec = result.record
+    headers = version_headers(engine, req, rec)
+    headers["Location"] = headers.pop("Content-Location")
+    return write_response(req, rec, 201, headers, warnings, f"Created {rtype}/{rid}")
+
+
+def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
+    check_id(rid)
+    body, warnings = validated_body(engine, req, rtype)
+    body_id = body.get("id")
+    if body_id is None:
+        raise BadRequest(f"The resource has no id; an update of {rtype}/{rid} needs \"id\": \"{rid}\"", expression=f"{rtype}.id", code="required")
+    if body_id != rid:
+        raise BadRequest(
+            f"The resource id {str(body_id)[:64]!r} does not match the id in the URL {rid!r}", expression=f"{rtype}.id"
+        )
+    if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
+    with engine.storage.session(req.tenant, write=True) as repo:
+        result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="PUT", if_match=if_match)
+    rec = result.record
+    headers = version_headers(engine, req, rec)
+    if result.created:
+        headers["Location"] = headers["Content-Location"]
+        return write_response(req, rec, 201, headers, warnings, f"Created {rtype}/{rid}")
+    return write_response(req, rec, 200, headers, warnings, f"Updated {rtype}/{rid} to version {rec.version}")
+
+
+def delete(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
+    check_id(rid)
+    if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
+    with engine.storage.session(req.tenant, write=True) as repo:
+        rec = repo.delete(rtype, rid, if_match=if_match)
+    headers = {} if rec is None else {"ETag": f'W/"{rec.version}"'}
+    if req.prefer_return == RETURN_OUTCOME:
+        message = f"Deleted {rtype}/{rid}" if rec else f"{rtype}/{rid} did not exist or was already deleted"
+        return FhirResponse(200, operation_outcome([Issue(message, "informational", "information")]), headers)
+    return FhirResponse(204, None, headers)

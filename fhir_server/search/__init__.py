@@ -1,0 +1,1 @@
+"""Search: parsing, index extraction, query compilation."""

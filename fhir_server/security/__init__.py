@@ -1,0 +1,1 @@
+"""Keys, encryption, blind indexes (and, later, authorization and audit)."""

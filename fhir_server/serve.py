@@ -1,0 +1,45 @@
+"""Running the app under gunicorn (never the Flask development server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from fhir_server.settings import Settings
+
+
+class GunicornServer(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        options: dict[str, Any] = {
+            "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
+            "workers": s.workers,
+            "threads": s.threads,
+            "worker_class": "gthread",
+            "timeout": s.timeout,
+            "graceful_timeout": 30,
+            "keepalive": 5,
+            "accesslog": None,  # the app writes its own access log, without query strings or ids
+            "errorlog": "-",
+            "loglevel": s.log_level.lower(),
+            "proc_name": "fhir-server",
+            "limit_request_line": 8190,
+            "preload_app": False,
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        # Each worker builds its own app (and database pool) after the fork.
+        from fhir_server.app import create_app
+
+        return create_app(self.settings)
+
+
+def run(settings: Settings) -> None:
+    GunicornServer(settings).run()

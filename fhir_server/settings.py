@@ -1,0 +1,117 @@
+"""Server settings: safe defaults, then ``FHIR_*`` environment variables, then explicit overrides.
+
+Every setting is validated (marshmallow) at start-up; a bad value stops the
+server with a message naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from marshmallow import Schema, ValidationError, fields as mf, validate
+
+
+class SettingsError(Exception):
+    """A setting has a value the server cannot run with."""
+
+
+class _SettingsSchema(Schema):
+    env = mf.String(load_default="development", validate=validate.OneOf(["development", "production", "test"]))
+    data_dir = mf.String(load_default=".fhir-data")
+    database_url = mf.String(load_default=None, allow_none=True)
+    migration_database_url = mf.String(load_default=None, allow_none=True)
+    host = mf.String(load_default="127.0.0.1")
+    port = mf.Integer(load_default=8080, validate=validate.Range(min=0, max=65535))
+    workers = mf.Integer(load_default=2, validate=validate.Range(min=1, max=256))
+    threads = mf.Integer(load_default=8, validate=validate.Range(min=1, max=256))
+    base_url = mf.String(load_default=None, allow_none=True)
+    max_body_bytes = mf.Integer(load_default=16 * 1024 * 1024, validate=validate.Range(min=1024))
+    max_json_depth = mf.Integer(load_default=100, validate=validate.Range(min=8, max=900))
+    default_page_size = mf.Integer(load_default=20, validate=validate.Range(min=1, max=10000))
+    max_page_size = mf.Integer(load_default=1000, validate=validate.Range(min=1, max=10000))
+    validate_required = mf.String(load_default="warning", validate=validate.OneOf(["error", "warning"]))
+    log_level = mf.String(
+        load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    )
+    access_log = mf.Boolean(load_default=True)
+    db_pool_size = mf.Integer(load_default=10, validate=validate.Range(min=1, max=200))
+    sqlite_busy_timeout_ms = mf.Integer(load_default=30000, validate=validate.Range(min=0))
+    master_key = mf.String(load_default=None, allow_none=True)
+    master_key_file = mf.String(load_default=None, allow_none=True)
+    cipher = mf.String(load_default="aes-256-gcm", validate=validate.OneOf(["aes-256-gcm", "null"]))
+    key_cache_seconds = mf.Integer(load_default=300, validate=validate.Range(min=0))
+    timeout = mf.Integer(load_default=120, validate=validate.Range(min=1))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    env: str = "development"
+    data_dir: str = ".fhir-data"
+    database_url: str | None = None
+    migration_database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 2
+    threads: int = 8
+    base_url: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_json_depth: int = 100
+    default_page_size: int = 20
+    max_page_size: int = 1000
+    validate_required: str = "warning"
+    log_level: str = "INFO"
+    access_log: bool = True
+    db_pool_size: int = 10
+    sqlite_busy_timeout_ms: int = 30000
+    master_key: str | None = None
+    master_key_file: str | None = None
+    cipher: str = "aes-256-gcm"
+    key_cache_seconds: int = 300
+    timeout: int = 120
+
+    @property
+    def production(self) -> bool:
+        return self.env == "production"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_path / 'fhir.db'}"
+
+    @property
+    def effective_migration_url(self) -> str:
+        return self.migration_database_url or self.effective_database_url
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **overrides)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from defaults, then FHIR_* variables of ``environ`` (os.environ by default), then overrides."""
+        environ = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for f in fields(cls):
+            var = f"FHIR_{f.name.upper()}"
+            if var in environ and environ[var] != "":
+                raw[f.name] = environ[var]
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            loaded = _SettingsSchema().load(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"FHIR_{name.upper()}: {' '.join(map(str, msgs)) if isinstance(msgs, list) else msgs}"
+                for name, msgs in sorted(exc.messages_dict.items())
+            )
+            raise SettingsError(f"invalid settings: {problems}") from None
+        settings = cls(**loaded)
+        if settings.max_page_size < settings.default_page_size:
+            raise SettingsError("invalid settings: FHIR_MAX_PAGE_SIZE must be at least FHIR_DEFAULT_PAGE_SIZE")
+        return settings

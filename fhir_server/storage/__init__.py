@@ -1,0 +1,1 @@
+"""SQLAlchemy Core schema, migrations, the tenant-bound repository, and storage chores."""

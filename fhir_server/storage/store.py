@@ -1,0 +1,40 @@
+"""The storage service: a tenant-bound repository inside one database transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import text
+
+from fhir_server.security.crypto import Cipher, Sealer
+from fhir_server.security.keys import KeyProvider
+from fhir_server.settings import Settings
+from fhir_server.storage import tenants
+from fhir_server.storage.database import Database
+from fhir_server.storage.repository import ResourceRepository
+
+
+class Storage:
+    """Opens units of work: one transaction, bound to one tenant, with that tenant's keys."""
+
+    def __init__(self, db: Database, provider: KeyProvider, cipher: Cipher, settings: Settings) -> None:
+        self.db = db
+        self.provider = provider
+        self.cipher = cipher
+        self.keyring = tenants.KeyRing(db, provider, settings.key_cache_seconds)
+
+    @contextmanager
+    def session(self, tenant_name: str, *, write: bool) -> Iterator[ResourceRepository]:
+        """A repository for ``tenant_name``: committed when the block ends, rolled back if it raises.
+
+        Raises ``tenants.TenantNotFound`` for an unknown or deleted tenant.
+        """
+        with self.db.transaction(write=write) as conn:
+            tenant = tenants.lookup(conn, tenant_name)
+            keys = self.keyring.keys_for(conn, tenant)
+            yield ResourceRepository(conn, tenant, Sealer(self.cipher, keys))
+
+    def ping(self) -> None:
+        with self.db.transaction(write=False) as conn:
+            conn.execute(text("SELECT 1"))

@@ -1,0 +1,33 @@
+"""Calling the engine the way api/ does, without HTTP (for engine and storage tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir_server import fhirjson
+from fhir_server.engine.engine import Engine
+from fhir_server.engine.request import FhirRequest, FhirResponse
+
+
+def call(engine: Engine, tenant: str, method: str, path: str, body: Any = None, **kw: Any) -> FhirResponse:
+    req = FhirRequest(
+        method=method,
+        tenant=tenant,
+        path=tuple(p for p in path.split("/") if p),
+        base_url=f"http://test/fhir/{tenant}",
+        body=body,
+        **kw,
+    )
+    return engine.handle(req)
+
+
+def resource(resp: FhirResponse) -> dict[str, Any]:
+    """The response body as plain JSON (stored fragments parsed)."""
+    return fhirjson.loads_stored(fhirjson.dumps(resp.body))  # type: ignore[no-any-return]
+
+
+def patient(pid: str | None = None, family: str = "Doe") -> dict[str, Any]:
+    p: dict[str, Any] = {"resourceType": "Patient", "name": [{"family": family}]}
+    if pid:
+        p["id"] = pid
+    return p
