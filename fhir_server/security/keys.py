@@ -117,7 +117,7 @@ def read_key_file(path: Path) -> list[bytes]:
 
 def write_key_file(path: Path, keys: list[bytes]) -> None:
     """Write keys atomically with mode 0600 (first line current)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -51,7 +51,8 @@ def make_engine(url: str, settings: Settings, *, pooled: bool = True) -> Engine:
 def _sqlite_engine(url: str, settings: Settings) -> Engine:
     database = make_url(url).database
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        # The data directory holds PHI (encrypted) and, by default, the master key: owner only.
+        Path(database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": settings.sqlite_busy_timeout_ms / 1000},

@@ -1,0 +1,148 @@
+"""The fhir-server command, run as a user runs it (subprocesses with FHIR_* settings)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.pool import NullPool
+
+from fhir_server.storage import schema
+from testsupport.backends import DatabaseUrls, database_urls
+
+CLI = [sys.executable, "-m", "fhir_server.cli"]
+
+
+def run(env: dict[str, str], *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300, input=stdin)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def fresh_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> DatabaseUrls:
+    """A database of its own: these tests rotate the master key of everything in it."""
+    return database_urls(request, backend, str(tmp_path))
+
+
+@pytest.fixture
+def cli_env(fresh_db: DatabaseUrls, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_")}
+    env.update(
+        FHIR_DATABASE_URL=fresh_db.app_url,
+        FHIR_MIGRATION_DATABASE_URL=fresh_db.owner_url,
+        FHIR_DATA_DIR=str(tmp_path / "data"),
+        FHIR_MASTER_KEY_FILE=str(tmp_path / "master.key"),
+    )
+    run(env, "keys", "generate-master", "--output", str(tmp_path / "master.key"))
+    run(env, "migrate")
+    return env
+
+
+def test_generate_master_refuses_to_overwrite(cli_env: dict[str, str], tmp_path: Path) -> None:
+    key = tmp_path / "master.key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    proc = run(cli_env, "keys", "generate-master", "--output", str(key), check=False)
+    assert proc.returncode != 0 and "refusing" in proc.stderr
+
+
+def test_tenant_lifecycle_and_keys(cli_env: dict[str, str]) -> None:
+    name = "cli-" + os.urandom(3).hex()
+    assert "created tenant" in run(cli_env, "tenants", "create", name).stdout
+    assert run(cli_env, "tenants", "create", name, check=False).returncode != 0
+    assert run(cli_env, "tenants", "create", "Bad_Name", check=False).returncode != 0
+    assert name in run(cli_env, "tenants", "list").stdout
+    assert "version 2" in run(cli_env, "keys", "rotate", "--tenant", name).stdout
+    assert "0 versions re-encrypted" in run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
+    assert "re-wrapped" in run(cli_env, "keys", "rotate-master").stdout
+    assert len(Path(cli_env["FHIR_MASTER_KEY_FILE"]).read_text().split()) == 1
+    out = run(cli_env, "tenants", "delete", name, "--crypto-shred", "--yes").stdout
+    assert "keys destroyed" in out and "rows removed" in out
+    assert name not in run(cli_env, "tenants", "list").stdout
+    assert run(cli_env, "keys", "rotate", "--tenant", "no-such-tenant", check=False).returncode != 0
+
+
+def test_delete_requires_crypto_shred_flag(cli_env: dict[str, str]) -> None:
+    assert run(cli_env, "tenants", "delete", "default", "--yes", check=False).returncode != 0
+
+
+def test_killed_reencrypt_resumes_and_finishes(cli_env: dict[str, str], fresh_db: DatabaseUrls, backend: str) -> None:
+    """SIGKILL `keys reencrypt` part-way; the next run re-encrypts the rest and everything stays readable."""
+    name = "rk-" + os.urandom(3).hex()
+    run(cli_env, "tenants", "create", name)
+    from fhir_server.app import create_app
+    from fhir_server.settings import Settings
+
+    settings = Settings.load(environ=cli_env, access_log=False)
+    client = create_app(settings).test_client()
+    for i in range(300):
+        r = client.put(f"/fhir/{name}/Basic/b{i}", json={"resourceType": "Basic", "id": f"b{i}", "code": {"text": str(i)}},
+                       headers={"Content-Type": "application/fhir+json"})
+        assert r.status_code == 201
+    run(cli_env, "keys", "rotate", "--tenant", name)
+    proc = subprocess.Popen([*CLI, "keys", "reencrypt", "--tenant", name, "--batch-size", "2"], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    engine = create_engine(_admin_or_owner(fresh_db), poolclass=NullPool)
+    V = schema.resource_versions
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                moved = conn.execute(select(func.count()).select_from(V).where(V.c.key_version == 2)).scalar_one()
+            if moved >= 20:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        with engine.connect() as conn:
+            moved = conn.execute(select(func.count()).select_from(V).where(V.c.key_version == 2)).scalar_one()
+        assert 0 < moved < 300, f"the kill should land mid-way ({moved} of 300 moved)"
+        out = run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
+        assert f"{300 - moved} versions re-encrypted" in out
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(V).where(V.c.key_version == 1)).scalar_one() == 0
+    finally:
+        engine.dispose()
+    for i in range(300):
+        assert client.get(f"/fhir/{name}/Basic/b{i}").status_code == 200
+
+
+def _admin_or_owner(urls: DatabaseUrls) -> str:
+    # Counting across the table needs a view past row-level security: the cluster's administrator.
+    if urls.backend == "postgresql":
+        from sqlalchemy.engine import make_url
+
+        from testsupport.backends import admin_url
+
+        return make_url(admin_url()).set(database=make_url(urls.owner_url).database).render_as_string(hide_password=False)
+    return urls.owner_url
+
+
+def test_serve_refuses_non_loopback_and_stale_schema(cli_env: dict[str, str], tmp_path: Path) -> None:
+    proc = run(cli_env, "serve", "--host", "0.0.0.0", check=False)
+    assert proc.returncode != 0 and "loopback" in proc.stderr
+    fresh = dict(cli_env, FHIR_DATABASE_URL=f"sqlite:///{tmp_path}/empty.db", FHIR_MIGRATION_DATABASE_URL="")
+    proc = run(fresh, "serve", "--port", "0", check=False)
+    assert proc.returncode != 0 and "fhir-server migrate" in proc.stderr
+
+
+def test_production_without_master_key_refuses(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_")}
+    env.update(FHIR_ENV="production", FHIR_DATA_DIR=str(tmp_path))
+    proc = run(env, "migrate", check=False)
+    assert proc.returncode != 0 and "no master key" in proc.stderr
+    assert not (tmp_path / "master.key").exists()
+
+
+def test_invalid_setting_is_named(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_")}
+    env.update(FHIR_PORT="eighty", FHIR_DATA_DIR=str(tmp_path))
+    proc = run(env, "migrate", check=False)
+    assert proc.returncode != 0 and "FHIR_PORT" in proc.stderr
