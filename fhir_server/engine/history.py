@@ -43,9 +43,9 @@ def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str
         limit=count,
     )
     with engine.storage.session(req.tenant, write=False) as repo:
-        if count == 0:
-            records, more = [], False
-        else:
+        records: list[VersionRecord] = []
+        more = False
+        if count > 0:
             records, more = repo.history(query)
         total = None
         if rid is not None:

@@ -8,6 +8,8 @@ otherwise skip the parent's policy), bound to the per-transaction setting
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import op
 
 PARTITIONS = 8
@@ -34,7 +36,7 @@ def secure(table: str) -> None:
         )
 
 
-def tenant_table_kwargs() -> dict[str, str]:
+def tenant_table_kwargs() -> dict[str, Any]:
     return {"postgresql_partition_by": "HASH (tenant_id)"}
 
 

@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, String, cast, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
@@ -64,17 +65,11 @@ def lookup(conn: Connection, name: str) -> Tenant:
     if not TENANT_NAME.fullmatch(name):
         raise TenantNotFound(name)
     t = schema.tenants
+    columns: list[Any] = [t.c.id, t.c.status, t.c.data_key_version]
     if conn.dialect.name == "postgresql":
-        row = conn.execute(
-            select(
-                t.c.id,
-                t.c.status,
-                t.c.data_key_version,
-                func.set_config(TENANT_SETTING, cast(t.c.id, String), True),
-            ).where(t.c.name == name)
-        ).first()
-    else:
-        row = conn.execute(select(t.c.id, t.c.status, t.c.data_key_version).where(t.c.name == name)).first()
+        # Resolve the tenant and bind row-level security to it in one round trip.
+        columns.append(func.set_config(TENANT_SETTING, cast(t.c.id, String), True))
+    row = conn.execute(select(*columns).where(t.c.name == name)).first()
     if row is None or row.status != "active":
         raise TenantNotFound(name)
     return Tenant(row.id, name, row.status, row.data_key_version)

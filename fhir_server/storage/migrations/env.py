@@ -16,7 +16,10 @@ def run() -> None:
     if connection is not None:
         _run_on(connection)
         return
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=NullPool)
+    url = config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no sqlalchemy.url configured for the migrations")
+    engine = create_engine(url, poolclass=NullPool)
     with engine.connect() as conn:
         _run_on(conn)
     engine.dispose()
