@@ -33,6 +33,7 @@ class _SettingsSchema(Schema):
     default_page_size = mf.Integer(load_default=20, validate=validate.Range(min=1, max=10000))
     max_page_size = mf.Integer(load_default=1000, validate=validate.Range(min=1, max=10000))
     validate_required = mf.String(load_default="warning", validate=validate.OneOf(["error", "warning"]))
+    max_sort_matches = mf.Integer(load_default=10000, validate=validate.Range(min=1))
     log_level = mf.String(
         load_default="INFO", validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     )
@@ -62,6 +63,7 @@ class Settings:
     default_page_size: int = 20
     max_page_size: int = 1000
     validate_required: str = "warning"
+    max_sort_matches: int = 10000
     log_level: str = "INFO"
     access_log: bool = True
     db_pool_size: int = 10

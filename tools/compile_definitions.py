@@ -129,6 +129,55 @@ def compile_structure(sd: dict[str, Any], primitive_names: set[str]) -> dict[str
     return out
 
 
+def compile_search_parameters(definitions: Path) -> dict[str, Any]:
+    """The official SearchParameters, reduced to what the indexer and the query parser need."""
+    params = []
+    for sp in load_bundle(definitions / "search-parameters.json"):
+        if sp.get("resourceType") != "SearchParameter":
+            continue
+        entry: dict[str, Any] = {
+            "url": sp["url"],
+            "code": sp["code"],
+            "type": sp["type"],
+            "base": sorted(sp["base"]),
+        }
+        if sp.get("expression"):
+            entry["expression"] = sp["expression"]
+        if sp.get("target"):
+            entry["target"] = sorted(sp["target"])
+        if sp.get("component"):
+            entry["component"] = [{"definition": c["definition"], "expression": c["expression"]} for c in sp["component"]]
+        if sp.get("modifier"):
+            entry["modifier"] = sp["modifier"]
+        params.append(entry)
+    params.sort(key=lambda p: p["url"])
+    digest = hashlib.sha256((definitions / "search-parameters.json").read_bytes()).hexdigest()
+    return {
+        "fhirVersion": "4.0.1",
+        "origin": "hl7.fhir.r4.examples@4.0.1 (HL7, CC0): search-parameters.json",
+        "sha256": {"search-parameters.json": digest},
+        "parameters": params,
+    }
+
+
+def compile_compartments(definitions: Path) -> dict[str, Any]:
+    """The five CompartmentDefinitions: for each compartment type, which parameters link each resource type."""
+    compartments: dict[str, Any] = {}
+    sources = {}
+    for path in sorted(definitions.glob("CompartmentDefinition-*.json")):
+        cd = json.loads(path.read_bytes())
+        sources[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        compartments[cd["code"]] = {
+            r["code"]: r["param"] for r in cd.get("resource", []) if r.get("param")
+        }
+    return {
+        "fhirVersion": "4.0.1",
+        "origin": "hl7.fhir.r4.examples@4.0.1 (HL7, CC0): CompartmentDefinition-*.json",
+        "sha256": sources,
+        "compartments": compartments,
+    }
+
+
 def compile_all(definitions: Path) -> dict[str, Any]:
     resources_bundle = load_bundle(definitions / "profiles-resources.json")
     types_bundle = load_bundle(definitions / "profiles-types.json")
@@ -167,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
     resources = sum(1 for t in data["types"].values() if t["kind"] == "resource" and not t.get("abstract"))
     print(f"wrote {out.relative_to(ROOT)}: {resources} resource types, {len(data['types']) - resources} other types")
+    params = compile_search_parameters(args.definitions)
+    out = args.output_dir / "search_parameters.json"
+    out.write_text(json.dumps(params, sort_keys=True, separators=(",", ":")) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}: {len(params['parameters'])} search parameters")
+    compartments = compile_compartments(args.definitions)
+    out = args.output_dir / "compartments.json"
+    out.write_text(json.dumps(compartments, sort_keys=True, indent=1) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}: {len(compartments['compartments'])} compartments")
     return 0
 
 

@@ -10,7 +10,7 @@ from fhir_server import fhirjson
 from fhir_server.api import negotiation
 from fhir_server.api.rendering import render
 from fhir_server.engine.request import FhirRequest
-from fhir_server.errors import BadRequest, NotFound
+from fhir_server.errors import BadRequest, NotFound, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -34,7 +34,10 @@ def fhir(tenant: str, rest: str) -> Response:
         raise NotFound("Empty path segment in the URL")
     media_type = negotiation.response_type(request.args.get("_format"), request.headers.get("Accept"))
     body = None
-    if request.method in ("POST", "PUT", "PATCH"):
+    params = [(k, v) for k, v in request.args.items(multi=True)]
+    if request.method == "POST" and segments and segments[-1] == "_search":
+        params.extend(_read_form())
+    elif request.method in ("POST", "PUT", "PATCH"):
         body = _read_body(settings)
     prefer_return, prefer_handling = _prefer(request.headers.get("Prefer"))
     req = FhirRequest(
@@ -42,7 +45,7 @@ def fhir(tenant: str, rest: str) -> Response:
         tenant=tenant,
         path=segments,
         base_url=_base_url(settings, tenant),
-        params=tuple((k, v) for k, v in request.args.items(multi=True)),
+        params=tuple(params),
         body=body,
         if_match=request.headers.get("If-Match"),
         if_none_match=request.headers.get("If-None-Match"),
@@ -63,6 +66,16 @@ def _read_body(settings: Settings) -> object:
         raise BadRequest("The request body is empty; a FHIR resource was expected", code="required")
     negotiation.check_body_type(request.headers.get("Content-Type"))
     return fhirjson.parse(data, max_depth=settings.max_json_depth)
+
+
+def _read_form() -> list[tuple[str, str]]:
+    """POST [type]/_search: the parameters come form-encoded in the body (and may also be in the URL)."""
+    content_type = (request.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    if request.content_length and content_type != "application/x-www-form-urlencoded":
+        raise UnsupportedMediaType(
+            "POST _search takes its parameters as application/x-www-form-urlencoded", expression="Content-Type"
+        )
+    return [(k, v) for k, v in request.form.items(multi=True)]
 
 
 def _prefer(header: str | None) -> tuple[str | None, str | None]:

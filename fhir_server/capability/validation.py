@@ -14,6 +14,7 @@ offending element, and raises one ``BadRequest`` carrying them all.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import xml.etree.ElementTree as ET
 from decimal import Decimal
@@ -191,9 +192,9 @@ class _Walker:
                 self.issues.add(f"unsignedInt must be 0 or more, found {value}", path, "value")
             return
         if kind == "decimal":
-            if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+            if isinstance(value, bool) or not isinstance(value, (int, Decimal, float)):
                 self.issues.add(f"Expected a JSON number for decimal, found {_json_type(value)}", path, "value")
-            elif isinstance(value, Decimal) and not value.is_finite():
+            elif isinstance(value, (Decimal, float)) and not math.isfinite(value):
                 self.issues.add("A decimal must be finite", path, "value")
             return
         if not isinstance(value, str):

@@ -13,7 +13,8 @@ from typing import Any
 from fhir_server.capability.registry import Registry
 from fhir_server.capability.statement import Features, capability_statement
 from fhir_server.clock import now_us
-from fhir_server.engine import history, resources
+from fhir_server.engine import history, resources, search
+from fhir_server.engine.features import search_features
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.errors import (
     FhirError,
@@ -23,6 +24,9 @@ from fhir_server.errors import (
     PreconditionFailed,
 )
 from fhir_server.fhirjson import RawJson, dumps
+from fhir_server.search.extract import Extractor
+from fhir_server.search.parameters import load_search_parameters
+from fhir_server.search.query import QueryParser
 from fhir_server.security.crypto import IntegrityError
 from fhir_server.security.keys import KeyUnavailable
 from fhir_server.settings import Settings
@@ -38,7 +42,12 @@ class Engine:
         self.registry = registry
         self.storage = storage
         self.settings = settings
-        self.features = features or Features()
+        self.search_params = load_search_parameters()
+        self.extractor = Extractor(self.search_params)
+        self.query_parser = QueryParser(
+            self.search_params, default_count=settings.default_page_size, max_count=settings.max_page_size
+        )
+        self.features = features or search_features(self.search_params)
         self.started_at = now_us()
         self._statements: dict[str, RawJson] = {}
         self._lock = threading.Lock()
@@ -71,10 +80,13 @@ class Engine:
         if method == "HEAD":
             method = "GET"
         if n == 0:
-            raise MethodNotAllowed(
-                f"{method} on the base URL (batch, transaction and system search) is not supported by this server yet"
-            )
+            if method == "GET":
+                return self.system_search(req)
+            raise MethodNotAllowed(f"{method} on the base URL (batch and transaction) is not supported by this server yet")
         head = path[0]
+        if head == "_search" and n == 1:
+            self._only(method, ("POST",))
+            return self.system_search(req)
         if head == "metadata" and n == 1:
             self._only(method, ("GET",))
             return self.capabilities(req)
@@ -88,13 +100,16 @@ class Engine:
             if method == "POST":
                 return resources.create(self, req, rtype)
             if method == "GET":
-                raise MethodNotAllowed(f"Search on {rtype} is not supported by this server yet", code="not-supported")
+                return search.search(self, req, (rtype,), list(req.params), system=False)
             raise MethodNotAllowed(f"{method} is not allowed on {rtype}; use POST to create or PUT {rtype}/[id] to update")
         second = path[1]
         if second == "_history" and n == 2:
             self._only(method, ("GET",))
             return history.history(self, req, rtype)
-        if second.startswith("$") or second == "_search":
+        if second == "_search" and n == 2:
+            self._only(method, ("POST",))
+            return search.search(self, req, (rtype,), list(req.params), system=False)
+        if second.startswith("$"):
             raise NotFound(f"Unknown operation {second[:64]!r} on {rtype}", code="not-supported")
         rid = second
         if n == 2:
@@ -115,6 +130,13 @@ class Engine:
         if path[2].startswith("$"):
             raise NotFound(f"Unknown operation {path[2][:64]!r} on {rtype}/{rid[:64]}", code="not-supported")
         raise NotFound(f"No FHIR interaction at {'/'.join(p[:64] for p in path)[:200]!r}")
+
+    def system_search(self, req: FhirRequest) -> FhirResponse:
+        """GET [base]?_type=A,B&...: search across types (only parameters common to them all)."""
+        type_values = [t.strip() for v in req.param_values("_type") for t in v.split(",") if t.strip()]
+        types = tuple(self._resource_type(t) for t in type_values) if type_values else self.registry.resource_types
+        pairs = [(k, v) for k, v in req.params if k != "_type"]
+        return search.search(self, req, tuple(dict.fromkeys(types)), pairs, system=True)
 
     def _resource_type(self, name: str) -> str:
         if self.registry.is_resource_type(name):

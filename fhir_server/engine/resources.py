@@ -138,9 +138,10 @@ def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     if req.if_none_exist is not None:
         raise BadRequest("Conditional create (If-None-Exist) is not supported by this server yet", code="not-supported")
     rid = str(uuid.uuid4())  # the client's id, if any, is ignored (FHIR R4 create)
+    index = engine.extractor.extract(body)
     with engine.storage.session(req.tenant, write=True) as repo:
         result = repo.write(
-            rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="POST", create_only=True
+            rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="POST", index=index, create_only=True
         )
     rec = result.record
     headers = version_headers(engine, req, rec)
@@ -159,8 +160,11 @@ def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
             f"The resource id {str(body_id)[:64]!r} does not match the id in the URL {rid!r}", expression=f"{rtype}.id"
         )
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
+    index = engine.extractor.extract(body)
     with engine.storage.session(req.tenant, write=True) as repo:
-        result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="PUT", if_match=if_match)
+        result = repo.write(
+            rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="PUT", index=index, if_match=if_match
+        )
     rec = result.record
     headers = version_headers(engine, req, rec)
     if result.created:

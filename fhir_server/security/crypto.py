@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -133,12 +133,22 @@ class TenantKeys:
     write_version: int
     data_keys: dict[int, bytes]
     index_key: bytes
+    _param_keys: dict[tuple[str, str], bytes] = field(default_factory=dict, repr=False, compare=False)
 
     def data_key(self, version: int) -> bytes:
         try:
             return self.data_keys[version]
         except KeyError:
             raise IntegrityError(f"data key version {version} is not available") from None
+
+    def blind(self, resource_type: str, key_name: str, material: str) -> bytes:
+        """The blind index of ``material`` for one search parameter of this tenant."""
+        pk = self._param_keys.get((resource_type, key_name))
+        if pk is None:
+            pk = derive_param_key(self.index_key, resource_type, key_name)
+            if len(self._param_keys) < 100_000:
+                self._param_keys[(resource_type, key_name)] = pk
+        return blind_index(pk, material)
 
 
 class Sealer:

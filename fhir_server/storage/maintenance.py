@@ -73,15 +73,18 @@ def purge_tenant(storage: Storage, tenant_id: int, *, batch_size: int = 2000, pr
         while True:
             with storage.db.transaction(write=True) as conn:
                 tenants.bind_tenant(conn, tenant_id)
-                pk = list(t.primary_key.columns)
-                keys = conn.execute(select(*pk).where(t.c.tenant_id == tenant_id).limit(batch_size)).all()
+                # Batch by resource where the table has one (index rows), else by primary key.
+                cols = [t.c.res_type, t.c.res_id] if "res_id" in t.c else list(t.primary_key.columns)
+                keys = conn.execute(select(*cols).where(t.c.tenant_id == tenant_id).distinct().limit(batch_size)).all()
                 n = 0
                 if keys:
-                    n = conn.execute(delete(t).where(tuple_(*pk).in_([tuple(k) for k in keys]))).rowcount
+                    n = conn.execute(
+                        delete(t).where(t.c.tenant_id == tenant_id, tuple_(*cols).in_([tuple(k) for k in keys]))
+                    ).rowcount
             removed += n
             if progress and n:
                 progress(n)
-            if n < batch_size:
+            if len(keys) < batch_size:
                 break
     with storage.db.transaction(write=True) as conn:
         conn.execute(delete(schema.tenants).where(schema.tenants.c.id == tenant_id))

@@ -15,8 +15,9 @@ from sqlalchemy import Connection, and_, exists, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server.clock import now_us
+from fhir_server.search.extract import IndexEntries
 from fhir_server.security.crypto import Sealer
-from fhir_server.storage import schema
+from fhir_server.storage import indexing, schema
 from fhir_server.storage.tenants import Tenant
 
 R = schema.resources
@@ -146,10 +147,11 @@ class ResourceRepository:
         build: BodyBuilder,
         *,
         method: str,
+        index: IndexEntries | None = None,
         if_match: int | None = None,
         create_only: bool = False,
     ) -> WriteResult:
-        """Store a new version of a resource (creating it if needed) and return it."""
+        """Store a new version of a resource (creating it if needed), with its index rows, and return it."""
         for _ in range(5):
             state = self.current_state(res_type, res_id, lock=True)
             now = now_us()
@@ -174,6 +176,8 @@ class ResourceRepository:
                 created = state.deleted
             body = build(version, last_updated)
             self._insert_version(res_type, res_id, version, last_updated, method, body)
+            if index is not None:
+                indexing.write(self.conn, self.sealer.keys, res_type, res_id, index, replace=state is not None)
             record = VersionRecord(res_type, res_id, version, last_updated, False, method, body)
             return WriteResult(record, created)
         raise RuntimeError("could not obtain the resource row after repeated concurrent creation")
@@ -195,6 +199,7 @@ class ResourceRepository:
             .values(version=version, last_updated=last_updated, deleted=True)
         )
         self._insert_version(res_type, res_id, version, last_updated, "DELETE", None)
+        indexing.remove(self.conn, self._tid, res_type, res_id)
         return VersionRecord(res_type, res_id, version, last_updated, True, "DELETE", None)
 
     def _insert_current(self, res_type: str, res_id: str, now: int) -> bool:

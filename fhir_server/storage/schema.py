@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -81,5 +82,91 @@ resource_versions = Table(
     Index("ix_versions_type_updated", "tenant_id", "res_type", "last_updated"),
 )
 
+# --- search index ------------------------------------------------------------------------
+# Rows of the current version of each resource; replaced on every write. param_key is the
+# fixed 64-bit key of (resource type, parameter) from search/parameters.py.
+
+# Identifying values (strings, tokens, uris) as blind indexes: never plaintext.
+idx_hash = Table(
+    "idx_hash",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param_key", BigInteger, nullable=False),
+    Column("hash", LargeBinary(16), nullable=False),
+    PrimaryKeyConstraint("tenant_id", "res_type", "res_id", "param_key", "hash", name="pk_idx_hash"),
+    Index("ix_idx_hash_lookup", "tenant_id", "param_key", "hash", "res_id"),
+)
+
+# Dates as the inclusive microsecond range they cover.
+idx_date = Table(
+    "idx_date",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param_key", BigInteger, nullable=False),
+    Column("low", BigInteger, nullable=False),
+    Column("high", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "res_type", "res_id", "param_key", "low", "high", name="pk_idx_date"),
+    Index("ix_idx_date_low", "tenant_id", "param_key", "low"),
+    Index("ix_idx_date_high", "tenant_id", "param_key", "high"),
+)
+
+# Numbers as the half-open range their written precision implies.
+idx_number = Table(
+    "idx_number",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param_key", BigInteger, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "res_type", "res_id", "param_key", "low", "high", name="pk_idx_number"),
+    Index("ix_idx_number_low", "tenant_id", "param_key", "low"),
+)
+
+# Quantities: the range, and blind indexes of the unit (system|code, code, unit text); a second
+# row in UCUM canonical units where the unit converts.
+idx_quantity = Table(
+    "idx_quantity",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param_key", BigInteger, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Column("system_code_hash", LargeBinary(16), nullable=True),
+    Column("code_hash", LargeBinary(16), nullable=True),
+    Column("unit_hash", LargeBinary(16), nullable=True),
+    Column("canonical", Boolean, nullable=False),
+    Index("ix_idx_quantity_res", "tenant_id", "res_type", "res_id"),
+    Index("ix_idx_quantity_low", "tenant_id", "param_key", "low"),
+)
+
+# References stay plaintext (ids, not identifying values) so chains and includes are joins.
+idx_reference = Table(
+    "idx_reference",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param_key", BigInteger, nullable=False),
+    Column("target_type", String(64), nullable=True),
+    Column("target_id", String(64), nullable=True),
+    Column("target_version", String(64), nullable=True),
+    Column("url", String(4096), nullable=True),
+    Column("url_hash", LargeBinary(16), nullable=True),
+    Index("ix_idx_reference_res", "tenant_id", "res_type", "res_id"),
+    Index("ix_idx_reference_target", "tenant_id", "param_key", "target_id", "target_type"),
+    Index("ix_idx_reference_any_target", "tenant_id", "target_type", "target_id"),
+    Index("ix_idx_reference_url", "tenant_id", "param_key", "url_hash"),
+)
+
+INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference")
+
 # Tables whose rows belong to one tenant: partitioned and row-level secured on PostgreSQL.
-TENANT_TABLES = ("tenant_keys", "resources", "resource_versions")
+TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES)

@@ -150,7 +150,10 @@ def test_capabilities(engine: Engine, tenant: str) -> None:
     types = {r["type"]: r for r in statement["rest"][0]["resource"]}
     assert len(types) == 146
     assert {i["code"] for i in types["Patient"]["interaction"]} == {
-        "read", "vread", "update", "delete", "history-instance", "history-type", "create"
+        "read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"
     }
+    names = {p["name"] for p in types["Patient"]["searchParam"]}
+    assert {"name", "birthdate", "identifier", "_id", "_lastUpdated", "_tag"} <= names
+    assert "_text" not in names and "_content" not in names
     with pytest.raises(NotFound):
         call(engine, "unknown-tenant", "GET", "metadata")

@@ -40,7 +40,12 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
     if backend != "postgresql":
         pytest.skip("row-level security is PostgreSQL's; SQLite relies on the repository's tenant filter")
     a, b = new_tenant("a"), new_tenant("b")
-    call(engine, a, "PUT", "Patient/x", patient("x"))
+    # Something in every table: hashes, dates, references (Patient), quantities (Observation), numbers (RiskAssessment).
+    call(engine, a, "PUT", "Patient/x", {**patient("x"), "birthDate": "1970", "generalPractitioner": [{"reference": "Practitioner/1"}]})
+    call(engine, a, "PUT", "Observation/o", {"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "t"},
+                                              "valueQuantity": {"value": 1, "system": "http://unitsofmeasure.org", "code": "mg"}})
+    call(engine, a, "PUT", "RiskAssessment/r", {"resourceType": "RiskAssessment", "id": "r", "status": "final",
+                                                "subject": {"reference": "Patient/x"}, "prediction": [{"probabilityDecimal": 0.5}]})
     with storage.db.transaction(write=False) as conn:
         tid_a = tenants.lookup(conn, a).id
     for table in schema.TENANT_TABLES:

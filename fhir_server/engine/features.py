@@ -1,0 +1,43 @@
+"""What the engine implements, as the CapabilityStatement reports it (generated, never hand-written)."""
+
+from __future__ import annotations
+
+from fhir_server.capability.statement import Features
+from fhir_server.search.parameters import SearchParameters
+
+SEARCH_TYPE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
+SYSTEM_INTERACTIONS = ("history-system", "search-system")
+COMMON = ("_id", "_lastUpdated", "_tag", "_profile", "_security", "_source")
+
+
+def search_features(params: SearchParameters) -> Features:
+    search_params: dict[str, list[dict[str, str]]] = {}
+    includes: dict[str, list[str]] = {}
+    revincludes: dict[str, list[str]] = {}
+    for rtype in params.registry.resource_types:
+        entries = []
+        for code, p in sorted(params.for_type(rtype).items()):
+            if not p.supported:
+                continue
+            entries.append({"name": code, "definition": p.url, "type": "special" if p.type == "special" else p.type})
+            if p.type == "reference":
+                includes.setdefault(rtype, []).append(f"{rtype}:{code}")
+                for target in p.targets or ():
+                    revincludes.setdefault(target, []).append(f"{rtype}:{code}")
+        search_params[rtype] = entries
+        if rtype in includes:
+            includes[rtype].insert(0, "*")
+    first = params.registry.resource_types[0]
+    system = []
+    for code in COMMON:
+        common = params.get(first, code)
+        if common is not None and common.supported:
+            system.append({"name": code, "definition": common.url, "type": common.type})
+    return Features(
+        type_interactions=SEARCH_TYPE_INTERACTIONS,
+        system_interactions=SYSTEM_INTERACTIONS,
+        search_params=search_params,
+        system_search_params=system,
+        search_includes=includes,
+        search_revincludes={k: sorted(set(v)) for k, v in revincludes.items()},
+    )

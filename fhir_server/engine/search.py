@@ -1,0 +1,358 @@
+"""The search interaction: type and system level, paging, totals, includes, subsetting."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import dataclass, replace
+from functools import cmp_to_key
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import func, or_, and_, select
+
+from fhir_server import fhirjson
+from fhir_server.clock import instant, now_us
+from fhir_server.engine.paging import CURSOR_PARAM, page_url
+from fhir_server.engine.request import FhirRequest, FhirResponse
+from fhir_server.engine.subsetting import subset
+from fhir_server.errors import BadRequest, Issue, operation_outcome
+from fhir_server.fhirjson import RawJson
+from fhir_server.search.extract import normalize
+from fhir_server.search.query import Include, SearchQuery, SortKey
+from fhir_server.search.sql import Compiler
+from fhir_server.storage import schema
+from fhir_server.storage.search_store import Row, SearchStore, SortColumn
+
+if TYPE_CHECKING:
+    from fhir_server.engine.engine import Engine
+
+R = schema.resources
+MAX_INCLUDED = 1000
+INCLUDE_ROUNDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SearchCursor:
+    direction: str  # next | prev
+    key: tuple[Any, ...]
+    total: int | None
+
+    def encode(self) -> str:
+        raw = orjson.dumps({"d": self.direction, "k": list(self.key), "t": self.total})
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    @classmethod
+    def decode(cls, token: str, key_length: int) -> SearchCursor:
+        try:
+            data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            direction, key, total = data["d"], data["k"], data.get("t")
+            if direction not in ("next", "prev") or not isinstance(key, list) or len(key) != key_length:
+                raise ValueError
+            if total is not None and not isinstance(total, int):
+                raise ValueError
+        except (binascii.Error, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            raise BadRequest(f"Invalid {CURSOR_PARAM}: use the links of a previous page", expression=CURSOR_PARAM) from None
+        return cls(direction, tuple(key), total)
+
+
+def search(engine: Engine, req: FhirRequest, types: tuple[str, ...], pairs: list[tuple[str, str]], *, system: bool) -> FhirResponse:
+    query = engine.query_parser.parse(types, pairs, strict=req.prefer_handling == "strict")
+    memory_sort = any(k.param.type in ("string", "token", "uri") and not k.param.special for k in query.sort)
+    sort_columns = [] if memory_sort else [_sort_column(engine, k, types) for k in query.sort]
+    key_length = (len(query.sort) if memory_sort else len(sort_columns)) + 2
+    cursor = SearchCursor.decode(query.cursor, key_length) if query.cursor else None
+    with engine.storage.session(req.tenant, write=False) as repo:
+        store = SearchStore(repo)
+        compiler = Compiler(repo.sealer.keys, engine.extractor, req.base_url)
+        where, confirmations = _where(store, compiler, query, types)
+        total: int | None = cursor.total if cursor else None
+        if query.summary == "count":
+            total = _total(store, where, confirmations, engine)
+            matches: list[Row] = []
+            more = False
+        elif memory_sort:
+            matches, more, total = _memory_page(engine, store, where, confirmations, query, cursor)
+        else:
+            matches, more = _sql_page(store, where, confirmations, sort_columns, query, cursor)
+            if query.total == "accurate":
+                total = _total(store, where, confirmations, engine)
+            elif cursor is None and query.total != "none" and (not confirmations or query.total == "estimate"):
+                # The first page counts (exact unless some criterion needs confirmation after decryption,
+                # when only an explicit _total=estimate gets this upper bound); later pages carry it.
+                total = store.count(where)
+        included = _includes(engine, store, query, matches) if query.includes and matches else []
+    if query.total == "none":
+        total = None
+    return FhirResponse(200, _bundle(engine, req, query, types, system, matches, included, more, cursor, total))
+
+
+def _where(store: SearchStore, compiler: Compiler, query: SearchQuery, types: tuple[str, ...]) -> tuple[list[Any], list[Any]]:
+    where = store.base_conditions(types)
+    confirmations = []
+    if len(types) == 1:
+        compiled = compiler.compile(query.criteria, types[0])
+        where.extend(compiled.conditions)
+        confirmations.extend(compiled.confirmations)
+    elif query.criteria:
+        per_type = []
+        for t in types:
+            crits = tuple(replace(c, param=_param_for(compiler, c, t)) for c in query.criteria)
+            compiled = compiler.compile(crits, t)
+            per_type.append(and_(R.c.res_type == t, *compiled.conditions))
+            confirmations.extend(compiled.confirmations)
+        where.append(or_(*per_type))
+    return where, confirmations
+
+
+def _param_for(compiler: Compiler, criterion: Any, rtype: str) -> Any:
+    params = compiler.extractor.params
+    param = params.get(rtype, criterion.param.code)
+    assert param is not None
+    return param
+
+
+def _sort_column(engine: Engine, key: SortKey, types: tuple[str, ...]) -> SortColumn:
+    p = key.param
+    if p.special == "_id":
+        return SortColumn(R.c.res_id, key.descending, "str")
+    if p.special == "_lastUpdated":
+        return SortColumn(R.c.last_updated, key.descending, "int")
+    keys = [q.key for t in types if (q := engine.search_params.get(t, p.code)) is not None]
+    table = {"date": schema.idx_date, "number": schema.idx_number, "quantity": schema.idx_quantity, "reference": schema.idx_reference}[p.type]
+    owner = [table.c.tenant_id == R.c.tenant_id, table.c.res_type == R.c.res_type, table.c.res_id == R.c.res_id, table.c.param_key.in_(keys)]
+    if p.type == "reference":
+        value = func.coalesce(table.c.target_type + "/" + table.c.target_id, table.c.url)
+        agg = func.max(value) if key.descending else func.min(value)
+        return SortColumn(select(agg).where(*owner).scalar_subquery(), key.descending, "str")
+    if p.type == "quantity":
+        owner.append(table.c.canonical.is_(False))
+    agg = func.max(table.c.high) if key.descending else func.min(table.c.low)
+    return SortColumn(select(agg).where(*owner).scalar_subquery(), key.descending, "int" if p.type == "date" else "float")
+
+
+def _accept(row: Row, confirmations: list[Any]) -> bool:
+    if not confirmations:
+        return True
+    resource = json.loads(row.body)
+    return all(check(resource) for check in confirmations)
+
+
+def _sql_page(store: SearchStore, where: list[Any], confirmations: list[Any], sort: list[SortColumn], query: SearchQuery,
+              cursor: SearchCursor | None) -> tuple[list[Row], bool]:
+    backwards = cursor is not None and cursor.direction == "prev"
+    want = query.count + 1
+    after = cursor.key if cursor else None
+    batch = want if not confirmations else max(want * 4, 100)
+    accepted: list[Row] = []
+    scanned = 0
+    while len(accepted) < want:
+        rows = store.fetch(where, sort, after, batch, backwards=backwards)
+        for row in rows:
+            if _accept(row, confirmations):
+                accepted.append(row)
+                if len(accepted) == want:
+                    break
+        scanned += len(rows)
+        if len(rows) < batch or scanned > 100_000:
+            break
+        last = rows[-1]
+        after = (*last.keys, last.res_type, last.res_id)
+    more = len(accepted) > query.count
+    page = accepted[: query.count]
+    if backwards:
+        page.reverse()
+    return page, more
+
+
+def _memory_page(engine: Engine, store: SearchStore, where: list[Any], confirmations: list[Any], query: SearchQuery,
+                 cursor: SearchCursor | None) -> tuple[list[Row], bool, int]:
+    """Sort after decryption (string, token and uri keys cannot be sorted over blind indexes); bounded."""
+    limit = engine.settings.max_sort_matches
+    rows = store.fetch(where, [], None, limit + 1)
+    if len(rows) > limit:
+        raise BadRequest(
+            f"Sorting by {', '.join(k.param.code for k in query.sort)} happens after decryption and is limited to "
+            f"{limit} matches; narrow the search",
+            code="too-costly",
+        )
+    positioned: list[tuple[tuple[Any, ...], Row]] = []
+    for row in rows:
+        resource = json.loads(row.body)
+        if confirmations and not all(check(resource) for check in confirmations):
+            continue
+        positioned.append(((*_memory_key(query.sort, resource), row.res_type, row.res_id), row))
+    order = cmp_to_key(lambda a, b: _compare(a[0], b[0], query.sort))  # type: ignore[index]
+    positioned.sort(key=order)
+    n = len(positioned)
+    if cursor is None:
+        start, stop = 0, min(query.count, n)
+    else:
+        anchor = tuple(cursor.key)
+        first_after = next((i for i, (pos, _) in enumerate(positioned) if _compare(pos, anchor, query.sort) > 0), n)
+        first_at_or_after = next((i for i, (pos, _) in enumerate(positioned) if _compare(pos, anchor, query.sort) >= 0), n)
+        if cursor.direction == "next":
+            start, stop = first_after, min(first_after + query.count, n)
+        else:
+            start, stop = max(0, first_at_or_after - query.count), first_at_or_after
+    backwards = cursor is not None and cursor.direction == "prev"
+    more = start > 0 if backwards else stop < n
+    page = [Row(r.res_type, r.res_id, r.version, r.last_updated, pos[:-2], r.body) for pos, r in positioned[start:stop]]
+    return page, more, n
+
+
+def _compare(a: tuple[Any, ...], b: tuple[Any, ...], sort: tuple[SortKey, ...]) -> int:
+    """Order of two positions (sort values..., type, id): missing values last in either direction."""
+    for i, key in enumerate(sort):
+        x, y = a[i], b[i]
+        if x == y:
+            continue
+        if x is None:
+            return 1
+        if y is None:
+            return -1
+        c = int(x > y) - int(x < y)
+        return -c if key.descending else c
+    tail_a, tail_b = a[len(sort):], b[len(sort):]
+    return int(tail_a > tail_b) - int(tail_a < tail_b)
+
+
+def _memory_key(sort: tuple[SortKey, ...], resource: dict[str, Any]) -> list[Any]:
+    out: list[Any] = []
+    for key in sort:
+        p = key.param
+        values: list[str] = []
+        if p.special == "_id":
+            values = [resource.get("id", "")]
+        elif p.special == "_lastUpdated":
+            values = [resource.get("meta", {}).get("lastUpdated", "")]
+        else:
+            for path in p.paths:
+                for t in path.evaluate(resource):
+                    values.extend(_sortable_strings(t.value))
+        out.append((max(values) if key.descending else min(values)) if values else None)
+    return out
+
+
+def _sortable_strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [normalize(value)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
+    if isinstance(value, dict):
+        if "family" in value or "given" in value:
+            return [normalize(" ".join([value.get("family", ""), *value.get("given", [])]).strip())]
+        codings = value.get("coding")
+        if isinstance(codings, list):
+            return [str(c.get("code", "")) for c in codings if isinstance(c, dict)]
+        for k in ("code", "value", "text", "display", "reference"):
+            if isinstance(value.get(k), str):
+                return [normalize(value[k])]
+    return []
+
+
+def _total(store: SearchStore, where: list[Any], confirmations: list[Any], engine: Engine) -> int:
+    if not confirmations:
+        return store.count(where)
+    limit = engine.settings.max_sort_matches
+    rows = store.fetch(where, [], None, limit + 1)
+    if len(rows) > limit:
+        raise BadRequest(f"Counting this search needs more than {limit} decryptions; narrow the search", code="too-costly")
+    return sum(1 for r in rows if _accept(r, confirmations))
+
+
+def _includes(engine: Engine, store: SearchStore, query: SearchQuery, matches: list[Row]) -> list[Row]:
+    seen = {(r.res_type, r.res_id) for r in matches}
+    included: list[Row] = []
+    frontier = list(matches)
+    for round_ in range(INCLUDE_ROUNDS):
+        new_keys: list[tuple[str, str]] = []
+        for inc in query.includes:
+            if round_ > 0 and not inc.iterate:
+                continue
+            new_keys.extend(_include_keys(engine, store, inc, frontier))
+        fresh = []
+        for k in new_keys:
+            if k not in seen:
+                seen.add(k)
+                fresh.append(k)
+        if not fresh:
+            break
+        room = MAX_INCLUDED - len(included)
+        rows = store.read_many(fresh[:room])
+        included.extend(rows)
+        frontier = rows
+        if len(included) >= MAX_INCLUDED or not any(i.iterate for i in query.includes):
+            break
+    return included
+
+
+def _include_keys(engine: Engine, store: SearchStore, inc: Include, frontier: list[Row]) -> list[tuple[str, str]]:
+    if inc.reverse:
+        targets = [(r.res_type, r.res_id) for r in frontier]
+        if inc.param is None:
+            keys = [p.key for p in engine.search_params.for_type(inc.source_type).values() if p.type == "reference" and p.supported]
+        else:
+            keys = [inc.param.key]
+        if inc.target_type:
+            targets = [t for t in targets if t[0] == inc.target_type]
+        return store.references_to(targets, keys) if targets and keys else []
+    sources = [(r.res_type, r.res_id) for r in frontier if r.res_type == inc.source_type]
+    if inc.param is None:
+        keys = [p.key for p in engine.search_params.for_type(inc.source_type).values() if p.type == "reference" and p.supported]
+    else:
+        keys = [inc.param.key]
+    return store.references_from(sources, keys, inc.target_type) if sources and keys else []
+
+
+def _bundle(engine: Engine, req: FhirRequest, query: SearchQuery, types: tuple[str, ...], system: bool, matches: list[Row],
+            included: list[Row], more: bool, cursor: SearchCursor | None, total: int | None) -> dict[str, Any]:
+    base = req.base_url if system else f"{req.base_url}/{types[0]}"
+    params = list(query.self_params)
+    if system and not any(k == "_type" for k, _ in params) and req.param("_type"):
+        params.insert(0, ("_type", req.param("_type") or ""))
+    links = [{"relation": "self", "url": _with_cursor(base, params, query.cursor) if query.cursor else page_url(base, params)}]
+    backwards = cursor is not None and cursor.direction == "prev"
+    has_next = more if not backwards else True
+    has_prev = (cursor is not None and not backwards) or (backwards and more)
+    carried = total if query.total != "accurate" else None
+    if matches and has_next:
+        last = matches[-1]
+        token = SearchCursor("next", (*last.keys, last.res_type, last.res_id), carried).encode()
+        links.append({"relation": "next", "url": _with_cursor(base, params, token)})
+    if matches and has_prev:
+        first = matches[0]
+        token = SearchCursor("prev", (*first.keys, first.res_type, first.res_id), carried).encode()
+        links.append({"relation": "previous", "url": _with_cursor(base, params, token)})
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": instant(now_us())},
+        "type": "searchset",
+    }
+    if total is not None:
+        bundle["total"] = total
+    bundle["link"] = links
+    entries = [_entry(engine, req, r, query, "match") for r in matches]
+    entries.extend(_entry(engine, req, r, query, "include") for r in included)
+    if query.ignored:
+        outcome = operation_outcome([
+            Issue(f"Ignored {text}", code="not-supported", severity="warning") for text in query.ignored
+        ])
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+    if entries:
+        bundle["entry"] = entries
+    return bundle
+
+
+def _with_cursor(base: str, params: list[tuple[str, str]], token: str) -> str:
+    return page_url(base, [*params, (CURSOR_PARAM, token)])
+
+
+def _entry(engine: Engine, req: FhirRequest, row: Row, query: SearchQuery, mode: str) -> dict[str, Any]:
+    resource: Any = RawJson(row.body)
+    if query.summary not in (None, "false") or query.elements is not None:
+        resource = subset(engine.registry, fhirjson.loads_stored(row.body), summary=query.summary, elements=query.elements)
+    return {"fullUrl": f"{req.base_url}/{row.res_type}/{row.res_id}", "resource": resource, "search": {"mode": mode}}

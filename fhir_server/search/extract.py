@@ -1,0 +1,366 @@
+"""From a resource to the plaintext values of its search index.
+
+``extract(params, resource)`` evaluates every search parameter of the resource's
+type and turns what it finds into typed index entries. Identifying values
+(strings, tokens, uris) come out as *hash material*, strings that
+``storage/indexing.py`` blind-indexes before they reach the database; dates,
+numbers and quantities come out as ranges; references as (type, id) or URLs.
+
+Hash material is prefixed by its kind, so that one parameter's values of different
+kinds never collide: ``c`` code, ``sc`` system|code, ``s`` system, ``p`` string
+prefix, ``x`` exact string, ``g`` trigram (``g*`` when a long value's trigrams
+were cut short), ``ph`` phonetic key, ``u`` uri, ``ub`` uri below-prefix.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from fhir_server.search import ucum
+from fhir_server.search.dates import InvalidDate, period
+from fhir_server.search.parameters import SearchParam, SearchParameters
+from fhir_server.search.paths import Typed
+
+PREFIX_CAP = 32  # string prefixes are hashed up to this length; longer queries are confirmed after decryption
+TRIGRAM_CAP = 256  # distinct trigrams hashed per value; beyond, the value is marked and confirmed
+NEG_INF = -(2**62)
+POS_INF = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class HashEntry:
+    key: int  # param key (or a derived key, e.g. for :text)
+    key_name: str  # the name the blind-index key is derived from: "code" or "code:text"
+    material: str
+
+
+@dataclass(frozen=True, slots=True)
+class RangeEntry:
+    key: int
+    low: float | int
+    high: float | int
+
+
+@dataclass(frozen=True, slots=True)
+class QuantityEntry:
+    key: int
+    key_name: str
+    low: float
+    high: float
+    system_code: str | None  # hash material "system|code" of the unit
+    code: str | None
+    unit: str | None
+    canonical: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceEntry:
+    key: int
+    target_type: str | None
+    target_id: str | None
+    version: str | None
+    url: str | None
+
+
+@dataclass(slots=True)
+class IndexEntries:
+    hashes: list[HashEntry] = field(default_factory=list)
+    dates: list[RangeEntry] = field(default_factory=list)
+    numbers: list[RangeEntry] = field(default_factory=list)
+    quantities: list[QuantityEntry] = field(default_factory=list)
+    references: list[ReferenceEntry] = field(default_factory=list)
+
+
+def normalize(text: str) -> str:
+    """Case- and accent-insensitive form of a string, whitespace collapsed."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(stripped.casefold().split())
+
+
+def trigrams(text: str) -> list[str]:
+    return sorted({text[i : i + 3] for i in range(len(text) - 2)}) if len(text) >= 3 else []
+
+
+def soundex(text: str) -> str:
+    """American Soundex of the first word (the phonetic key for the ``phonetic`` parameters)."""
+    word = "".join(c for c in normalize(text) if c.isalpha())
+    if not word:
+        return ""
+    codes = {**dict.fromkeys("bfpv", "1"), **dict.fromkeys("cgjkqsxz", "2"), **dict.fromkeys("dt", "3"),
+             "l": "4", **dict.fromkeys("mn", "5"), "r": "6"}
+    out = word[0].upper()
+    last = codes.get(word[0], "")
+    for ch in word[1:]:
+        code = codes.get(ch, "")
+        if code and code != last:
+            out += code
+        if ch not in "hw":
+            last = code
+    return (out + "000")[:4]
+
+
+def decimal_range(value: Decimal) -> tuple[float, float]:
+    """The half-open range a decimal's written precision implies: 100 -> [99.5, 100.5)."""
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):
+        raise InvalidOperation(value)
+    half = Decimal(5).scaleb(exponent - 1)
+    return float(value - half), float(value + half)
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        return value if value.is_finite() else None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return None
+
+
+class Extractor:
+    def __init__(self, params: SearchParameters) -> None:
+        self.params = params
+
+    def extract(self, resource: dict[str, Any]) -> IndexEntries:
+        entries = IndexEntries()
+        rtype = resource.get("resourceType", "")
+        for param in self.params.indexed(rtype):
+            values: list[Typed] = []
+            for path in param.paths:
+                values.extend(path.evaluate(resource))
+            if values:
+                self.add(entries, param, values)
+        return entries
+
+    def add(self, entries: IndexEntries, param: SearchParam, values: list[Typed]) -> None:
+        handler = getattr(self, f"_{param.type}")
+        for typed in values:
+            handler(entries, param, typed)
+
+    # --- per parameter type ------------------------------------------------------------------
+
+    def _token(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        v, typ = t.value, t.type
+        if typ == "CodeableConcept" and isinstance(v, dict):
+            for coding in v.get("coding") or []:
+                self._coding(out, p, coding.get("system"), coding.get("code"))
+                self._text(out, p, coding.get("display"))
+            self._text(out, p, v.get("text"))
+        elif typ == "Coding" and isinstance(v, dict):
+            self._coding(out, p, v.get("system"), v.get("code"))
+            self._text(out, p, v.get("display"))
+        elif typ == "Identifier" and isinstance(v, dict):
+            self._coding(out, p, v.get("system"), v.get("value"))
+            id_type = v.get("type") or {}
+            for coding in id_type.get("coding") or []:
+                if coding.get("code") is not None and v.get("value") is not None:
+                    material = f"t\x00{coding.get('system') or ''}\x00{coding['code']}\x00{v['value']}"
+                    out.hashes.append(HashEntry(p.sub_key(":of-type"), p.code + ":of-type", material))
+            self._text(out, p, id_type.get("text"))
+        elif typ == "ContactPoint" and isinstance(v, dict):
+            self._coding(out, p, None, v.get("value"))
+        elif typ in ("Quantity", "Age", "Duration", "Count", "Distance", "SimpleQuantity") and isinstance(v, dict):
+            self._coding(out, p, v.get("system"), v.get("code"))
+        elif typ == "Reference" and isinstance(v, dict):
+            ident = v.get("identifier")
+            if isinstance(ident, dict):
+                self._coding(out, p, ident.get("system"), ident.get("value"))
+        elif isinstance(v, bool):
+            self._coding(out, p, None, "true" if v else "false")
+        elif isinstance(v, (str, int, Decimal)):
+            self._coding(out, p, None, str(v))
+
+    def _coding(self, out: IndexEntries, p: SearchParam, system: Any, code: Any) -> None:
+        if code is None and system is None:
+            return
+        key, name = p.key, p.code
+        if code is not None:
+            code_s = str(code)
+            out.hashes.append(HashEntry(key, name, f"c\x00{code_s}"))
+            out.hashes.append(HashEntry(key, name, f"sc\x00{system or ''}\x00{code_s}"))
+        if system:
+            out.hashes.append(HashEntry(key, name, f"s\x00{system}"))
+
+    def _text(self, out: IndexEntries, p: SearchParam, text: Any) -> None:
+        if isinstance(text, str) and text.strip():
+            self._string_hashes(out, p.sub_key(":text"), p.code + ":text", text)
+
+    def _string(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        v, typ = t.value, t.type
+        if typ == "HumanName" and isinstance(v, dict):
+            parts = [v.get("text"), v.get("family"), *(v.get("given") or []), *(v.get("prefix") or []), *(v.get("suffix") or [])]
+        elif typ == "Address" and isinstance(v, dict):
+            parts = [v.get("text"), *(v.get("line") or []), v.get("city"), v.get("district"), v.get("state"),
+                     v.get("postalCode"), v.get("country")]
+        elif isinstance(v, str):
+            parts = [v]
+        elif isinstance(v, dict):
+            parts = [x for x in v.values() if isinstance(x, str)]
+        else:
+            return
+        for part in parts:
+            if isinstance(part, str) and part.strip():
+                if p.code == "phonetic":
+                    for word in part.split():
+                        key = soundex(word)
+                        if key:
+                            out.hashes.append(HashEntry(p.key, p.code, f"ph\x00{key}"))
+                else:
+                    self._string_hashes(out, p.key, p.code, part)
+
+    @staticmethod
+    def _string_hashes(out: IndexEntries, key: int, name: str, text: str) -> None:
+        norm = normalize(text)
+        out.hashes.append(HashEntry(key, name, f"x\x00{text}"))
+        for n in range(1, min(len(norm), PREFIX_CAP) + 1):
+            out.hashes.append(HashEntry(key, name, f"p\x00{norm[:n]}"))
+        grams = trigrams(norm)
+        if len(grams) > TRIGRAM_CAP:
+            out.hashes.append(HashEntry(key, name, "g*\x00"))
+            grams = grams[:TRIGRAM_CAP]
+        for g in grams:
+            out.hashes.append(HashEntry(key, name, f"g\x00{g}"))
+
+    def _uri(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        v = t.value
+        if not isinstance(v, str):
+            return
+        out.hashes.append(HashEntry(p.key, p.code, f"u\x00{v}"))
+        for prefix in uri_prefixes(v):
+            out.hashes.append(HashEntry(p.key, p.code, f"ub\x00{prefix}"))
+
+    def _date(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        v, typ = t.value, t.type
+        for low, high in date_ranges(v, typ):
+            out.dates.append(RangeEntry(p.key, low, high))
+
+    def _number(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        d = to_decimal(t.value)
+        if d is None and isinstance(t.value, dict):
+            d = to_decimal(t.value.get("value"))
+        if d is not None:
+            low, high = decimal_range(d)
+            out.numbers.append(RangeEntry(p.key, low, high))
+
+    def _quantity(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        v, typ = t.value, t.type
+        if typ == "Range" and isinstance(v, dict):
+            # A range is searched as the quantities at its ends.
+            for end in (v.get("low"), v.get("high")):
+                if isinstance(end, dict):
+                    self._quantity(out, p, Typed(end, "Quantity"))
+            return
+        if typ == "SampledData" or not isinstance(v, dict):
+            return
+        d = to_decimal(v.get("value"))
+        if d is None:
+            return
+        low, high = decimal_range(d)
+        system: Any
+        code: Any
+        unit: Any
+        if typ == "Money":
+            system, code, unit = "urn:iso:std:iso:4217", v.get("currency"), None
+        else:
+            system, code, unit = v.get("system"), v.get("code"), v.get("unit")
+        out.quantities.append(QuantityEntry(
+            p.key, p.code, low, high,
+            f"{system or ''}|{code}" if code is not None else None,
+            str(code) if code is not None else None,
+            str(unit) if unit is not None else None,
+            False,
+        ))
+        if system == ucum.UCUM_SYSTEM and isinstance(code, str):
+            try:
+                factor, canon = ucum.canonical(code)
+            except ucum.NotConvertible:
+                return
+            lo, hi = sorted((low * factor, high * factor))
+            out.quantities.append(QuantityEntry(p.key, p.code, lo, hi, f"{ucum.UCUM_SYSTEM}|{canon}", canon, None, True))
+
+    def _reference(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        v, typ = t.value, t.type
+        if isinstance(v, str):  # canonical / uri
+            canonical_url, _, canonical_version = v.partition("|")
+            out.references.append(ReferenceEntry(p.key, None, None, canonical_version or None, canonical_url))
+            return
+        if not isinstance(v, dict):
+            return
+        ident = v.get("identifier")
+        if isinstance(ident, dict) and ident.get("value") is not None:
+            key = p.sub_key(":identifier")
+            system, value = ident.get("system") or "", str(ident["value"])
+            out.hashes.append(HashEntry(key, p.code + ":identifier", f"c\x00{value}"))
+            out.hashes.append(HashEntry(key, p.code + ":identifier", f"sc\x00{system}\x00{value}"))
+        ref = v.get("reference")
+        if not isinstance(ref, str) or ref.startswith("#") or not ref:
+            return
+        target_type, target_id, ref_version, url = parse_reference(ref)
+        if target_type is None and url is None:
+            return
+        out.references.append(ReferenceEntry(p.key, target_type, target_id, ref_version, url))
+
+
+def parse_reference(ref: str) -> tuple[str | None, str | None, str | None, str | None]:
+    """(type, id, version, absolute url) of a literal reference.
+
+    A relative reference (``Patient/1``, ``Patient/1/_history/2``) gives type and id. An absolute
+    one gives its URL (and the type it names, for type filters) but no local id: it points at
+    another server unless the query names it by the same URL.
+    """
+    version = None
+    path = ref.split("?", 1)[0]
+    if "/_history/" in path:
+        path, _, version = path.partition("/_history/")
+    parts = path.split("/")
+    rtype = parts[-2] if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-1] else None
+    if "://" in ref or ref.startswith("urn:"):
+        return rtype, None, version or None, path
+    if rtype is not None and len(parts) == 2:
+        return rtype, parts[-1], version or None, None
+    return None, None, None, None
+
+
+def uri_prefixes(uri: str) -> list[str]:
+    """The prefixes of a URL at path boundaries, for :below (``http://a/b/c`` -> ``http://a``, ``http://a/b``)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return []
+    segments = rest.split("/")
+    return [f"{scheme}://{'/'.join(segments[:i])}" for i in range(1, len(segments))]
+
+
+def date_ranges(value: Any, typ: str) -> list[tuple[int, int]]:
+    """Inclusive microsecond ranges of a date-like value (date, dateTime, instant, Period, Timing)."""
+    if isinstance(value, str):
+        try:
+            return [period(value)]
+        except InvalidDate:
+            return []
+    if not isinstance(value, dict):
+        return []
+    if typ == "Period" or (not typ and ("start" in value or "end" in value)):
+        start, end = value.get("start"), value.get("end")
+        try:
+            low = period(start)[0] if isinstance(start, str) else NEG_INF
+            high = period(end)[1] if isinstance(end, str) else POS_INF
+        except InvalidDate:
+            return []
+        return [(low, high)] if (start or end) else []
+    if typ == "Timing":
+        out = []
+        for event in value.get("event") or []:
+            out.extend(date_ranges(event, "dateTime"))
+        bounds = (value.get("repeat") or {}).get("boundsPeriod")
+        if isinstance(bounds, dict):
+            out.extend(date_ranges(bounds, "Period"))
+        return out
+    return []
+

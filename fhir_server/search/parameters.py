@@ -1,0 +1,117 @@
+"""The search parameters of every resource type, from the official definitions (and, later, custom ones).
+
+Each (resource type, code) pair is a ``SearchParam`` with its expression narrowed to
+that type and compiled once. ``param_key`` is the fixed 64-bit key of the pair that
+index rows carry: a contract, like the blind-index function (changing it orphans
+every index row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from fhir_server.capability.registry import Registry, load_registry
+from fhir_server.search.paths import CompiledPath, parts_for_type
+
+# Parameters the server does not implement (full-text search and named queries).
+UNSUPPORTED = frozenset({"_content", "_text", "_query"})
+# Types whose values this server can index and query.
+INDEXED_TYPES = frozenset({"number", "date", "string", "token", "reference", "quantity", "uri"})
+
+
+def param_key(resource_type: str, code: str) -> int:
+    """The fixed key of a (resource type, parameter) pair in every index row."""
+    digest = hashlib.sha256(f"fhir-search-param/v1\x00{resource_type}\x00{code}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    definition: str  # url of the component's own SearchParameter
+    expression: str  # relative to the composite's root
+
+
+@dataclass(slots=True)
+class SearchParam:
+    code: str
+    type: str
+    resource_type: str
+    url: str
+    expression: str | None
+    paths: tuple[CompiledPath, ...]
+    targets: tuple[str, ...]
+    key: int
+    components: tuple[Component, ...] = ()
+    supported: bool = True
+    special: str | None = None  # "_id" | "_lastUpdated": answered from the resources table
+    derived: dict[str, int] = field(default_factory=dict)  # sub-index keys (":text", ":of-type", ":identifier"...)
+
+    def sub_key(self, suffix: str) -> int:
+        key = self.derived.get(suffix)
+        if key is None:
+            key = param_key(self.resource_type, self.code + suffix)
+            self.derived[suffix] = key
+        return key
+
+
+class SearchParameters:
+    """Read-only after construction: (type, code) -> SearchParam, and url -> definition."""
+
+    def __init__(self, registry: Registry, definitions: list[dict[str, Any]]) -> None:
+        self.registry = registry
+        self.by_url: dict[str, dict[str, Any]] = {d["url"]: d for d in definitions}
+        self._by_type: dict[str, dict[str, SearchParam]] = {t: {} for t in registry.resource_types}
+        for d in definitions:
+            bases = d["base"]
+            types = registry.resource_types if set(bases) & {"Resource", "DomainResource"} else bases
+            for rtype in types:
+                if rtype not in self._by_type:
+                    continue
+                self._by_type[rtype][d["code"]] = self._make(rtype, d)
+
+    def _make(self, rtype: str, d: dict[str, Any]) -> SearchParam:
+        code, ptype = d["code"], d["type"]
+        expression = d.get("expression")
+        parts = parts_for_type(expression, rtype) if expression else []
+        special = code if code in ("_id", "_lastUpdated") else None
+        supported = (
+            code not in UNSUPPORTED
+            and (ptype in INDEXED_TYPES)
+            and (bool(parts) or special is not None)
+        )
+        paths = tuple(CompiledPath(self.registry, rtype, p) for p in parts) if supported and not special else ()
+        return SearchParam(
+            code=code,
+            type=ptype,
+            resource_type=rtype,
+            url=d["url"],
+            expression=" | ".join(parts) if parts else expression,
+            paths=paths,
+            targets=tuple(d.get("target", ())),
+            key=param_key(rtype, code),
+            components=tuple(Component(c["definition"], c["expression"]) for c in d.get("component", ())),
+            supported=supported,
+            special=special,
+        )
+
+    def for_type(self, rtype: str) -> dict[str, SearchParam]:
+        return self._by_type.get(rtype, {})
+
+    def get(self, rtype: str, code: str) -> SearchParam | None:
+        return self._by_type.get(rtype, {}).get(code)
+
+    def indexed(self, rtype: str) -> list[SearchParam]:
+        """The parameters whose values are extracted into index rows on every write of ``rtype``."""
+        return [p for p in self.for_type(rtype).values() if p.supported and p.special is None]
+
+
+@cache
+def load_search_parameters() -> SearchParameters:
+    with resources.files("fhir_server.capability").joinpath("data/search_parameters.json").open("rb") as fh:
+        data = json.load(fh)
+    return SearchParameters(load_registry(), data["parameters"])

@@ -1,0 +1,141 @@
+"""Running compiled searches: matching rows with their bodies, counts, and reference lookups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_
+
+from fhir_server.storage import schema
+from fhir_server.storage.repository import ResourceRepository
+
+R = schema.resources
+V = schema.resource_versions
+REF = schema.idx_reference
+
+ASC_SENTINEL = {"int": 2**62, "float": 1e300, "str": "\U0010ffff"}
+DESC_SENTINEL = {"int": -(2**62), "float": -1e300, "str": ""}
+
+
+@dataclass(frozen=True, slots=True)
+class SortColumn:
+    """An SQL sort key: an expression, its direction, and the kind of its values (for sentinels)."""
+
+    expr: Any
+    descending: bool
+    kind: str  # int | float | str
+
+    def keyed(self) -> Any:
+        sentinel = (DESC_SENTINEL if self.descending else ASC_SENTINEL)[self.kind]
+        return func.coalesce(self.expr, sentinel)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: int
+    keys: tuple[Any, ...]  # sort key values, as the keyset compares them
+    body: bytes
+
+
+class SearchStore:
+    def __init__(self, repo: ResourceRepository) -> None:
+        self.repo = repo
+        self.conn = repo.conn
+        self.tid = repo.tenant.id
+
+    def base_conditions(self, types: tuple[str, ...]) -> list[ColumnElement[bool]]:
+        conds: list[ColumnElement[bool]] = [R.c.tenant_id == self.tid, R.c.deleted.is_(False)]
+        conds.append(R.c.res_type == types[0] if len(types) == 1 else R.c.res_type.in_(types))
+        return conds
+
+    def fetch(
+        self,
+        where: list[ColumnElement[bool]],
+        sort: list[SortColumn],
+        after: tuple[Any, ...] | None,
+        limit: int,
+        *,
+        backwards: bool = False,
+    ) -> list[Row]:
+        keyed = [s.keyed() for s in sort]
+        directions = [s.descending != backwards for s in sort] + [backwards, backwards]
+        columns = [*keyed, R.c.res_type, R.c.res_id]
+        stmt = (
+            select(R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, *keyed, V.c.key_version, V.c.body)
+            .select_from(R.join(V, and_(
+                V.c.tenant_id == R.c.tenant_id, V.c.res_type == R.c.res_type,
+                V.c.res_id == R.c.res_id, V.c.version == R.c.version,
+            )))
+            .where(*where)
+        )
+        if after is not None:
+            stmt = stmt.where(_keyset_after(columns, directions, after))
+        stmt = stmt.order_by(*[c.desc() if d else c.asc() for c, d in zip(columns, directions)]).limit(limit)
+        rows = []
+        n = len(keyed)
+        for r in self.conn.execute(stmt):
+            body = self.repo.sealer.open_resource(r.res_type, r.res_id, r.version, r.key_version, r.body)
+            rows.append(Row(r.res_type, r.res_id, r.version, r.last_updated, tuple(r[4 : 4 + n]), body))
+        return rows
+
+    def count(self, where: list[ColumnElement[bool]]) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(R).where(*where)).scalar_one())
+
+    def read_many(self, keys: list[tuple[str, str]]) -> list[Row]:
+        """Current, undeleted versions of the given (type, id) pairs."""
+        out: list[Row] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            stmt = (
+                select(R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, V.c.key_version, V.c.body)
+                .select_from(R.join(V, and_(
+                    V.c.tenant_id == R.c.tenant_id, V.c.res_type == R.c.res_type,
+                    V.c.res_id == R.c.res_id, V.c.version == R.c.version,
+                )))
+                .where(R.c.tenant_id == self.tid, R.c.deleted.is_(False), tuple_(R.c.res_type, R.c.res_id).in_(chunk))
+            )
+            for r in self.conn.execute(stmt):
+                body = self.repo.sealer.open_resource(r.res_type, r.res_id, r.version, r.key_version, r.body)
+                out.append(Row(r.res_type, r.res_id, r.version, r.last_updated, (), body))
+        return out
+
+    def references_from(self, sources: list[tuple[str, str]], param_keys: list[int], target_type: str | None) -> list[tuple[str, str]]:
+        """(type, id) targets of the given reference parameters of the given resources."""
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(sources), 500):
+            stmt = select(REF.c.target_type, REF.c.target_id).where(
+                REF.c.tenant_id == self.tid,
+                tuple_(REF.c.res_type, REF.c.res_id).in_(sources[i : i + 500]),
+                REF.c.param_key.in_(param_keys),
+                REF.c.target_id.is_not(None),
+            )
+            if target_type:
+                stmt = stmt.where(REF.c.target_type == target_type)
+            out.extend((r.target_type, r.target_id) for r in self.conn.execute(stmt.distinct()))
+        return out
+
+    def references_to(self, targets: list[tuple[str, str]], param_keys: list[int]) -> list[tuple[str, str]]:
+        """(type, id) of resources whose given reference parameters point at the targets."""
+        out: list[tuple[str, str]] = []
+        for i in range(0, len(targets), 500):
+            stmt = select(REF.c.res_type, REF.c.res_id).where(
+                REF.c.tenant_id == self.tid,
+                REF.c.param_key.in_(param_keys),
+                tuple_(REF.c.target_type, REF.c.target_id).in_(targets[i : i + 500]),
+            ).distinct()
+            out.extend((r.res_type, r.res_id) for r in self.conn.execute(stmt))
+        return out
+
+
+def _keyset_after(columns: list[Any], descending: list[bool], values: tuple[Any, ...]) -> ColumnElement[bool]:
+    """Rows strictly after ``values`` in the order (columns, directions): an expanded row comparison."""
+    ors = []
+    for i, (col, desc) in enumerate(zip(columns, descending)):
+        equal_prefix = [columns[j] == values[j] for j in range(i)]
+        step = col < values[i] if desc else col > values[i]
+        ors.append(and_(*equal_prefix, step))
+    return or_(*ors)
