@@ -3,6 +3,7 @@
 
 Sources (see ../shared/README.md for origins and licences):
 - ../shared/fhir-r4/examples -> conformance_tests/data/r4-examples (HL7 FHIR R4 4.0.1 examples, CC0)
+- ../shared/fhir-r4/definitions/search-parameters.json -> conformance_tests/data/ (the official SearchParameters, CC0)
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ SHARED = ROOT.parent / "shared"
 
 COPIES = [
     (SHARED / "fhir-r4" / "examples", ROOT / "conformance_tests" / "data" / "r4-examples"),
+]
+FILES = [
+    (SHARED / "fhir-r4" / "definitions" / "search-parameters.json", ROOT / "conformance_tests" / "data" / "search-parameters.json"),
 ]
 
 
@@ -31,6 +35,9 @@ def main() -> int:
                 shutil.copyfile(f, dst / f.name)
                 n += 1
         print(f"copied {n} files to {dst.relative_to(ROOT)}")
+    for src, dst in FILES:
+        shutil.copyfile(src, dst)
+        print(f"copied {dst.relative_to(ROOT)}")
     return 0
 
 

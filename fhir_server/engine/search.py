@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import uuid
+from urllib.parse import urlencode
 from dataclasses import dataclass, replace
 from functools import cmp_to_key
 from typing import TYPE_CHECKING, Any
@@ -348,7 +349,8 @@ def _bundle(engine: Engine, req: FhirRequest, query: SearchQuery, types: tuple[s
 
 
 def _with_cursor(base: str, params: list[tuple[str, str]], token: str) -> str:
-    return page_url(base, [*params, (CURSOR_PARAM, token)])
+    query = [(k, v) for k, v in params if k != CURSOR_PARAM]
+    return f"{base}?{urlencode([*query, (CURSOR_PARAM, token)])}"
 
 
 def _entry(engine: Engine, req: FhirRequest, row: Row, query: SearchQuery, mode: str) -> dict[str, Any]:

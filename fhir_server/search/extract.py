@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import Any
 
 from fhir_server.search import ucum
@@ -110,6 +110,27 @@ def decimal_range(value: Decimal) -> tuple[float, float]:
         raise InvalidOperation(value)
     half = Decimal(5).scaleb(exponent - 1)
     return float(value - half), float(value + half)
+
+
+def scaled_range(value: Decimal, factor: float) -> tuple[float, float]:
+    """decimal_range of ``value`` converted by a unit factor, computed in decimal so that equal
+    quantities written in different units give identical bounds (no binary rounding drift)."""
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int):
+        raise InvalidOperation(value)
+    half = Decimal(5).scaleb(exponent - 1)
+    f = Decimal(repr(factor))
+    with localcontext() as ctx:
+        ctx.prec = 28
+        lo, hi = (value - half) * f, (value + half) * f
+        lo, hi = +lo.normalize(), +hi.normalize()
+    return tuple(sorted((float(round_significant(lo)), float(round_significant(hi)))))  # type: ignore[return-value]
+
+
+def round_significant(value: Decimal, digits: int = 15) -> Decimal:
+    if value.is_zero():
+        return value
+    return value.quantize(Decimal(1).scaleb(value.adjusted() - digits + 1))
 
 
 def to_decimal(value: Any) -> Decimal | None:
@@ -282,14 +303,16 @@ class Extractor:
                 factor, canon = ucum.canonical(code)
             except ucum.NotConvertible:
                 return
-            lo, hi = sorted((low * factor, high * factor))
+            lo, hi = scaled_range(d, factor)
             out.quantities.append(QuantityEntry(p.key, p.code, lo, hi, f"{ucum.UCUM_SYSTEM}|{canon}", canon, None, True))
 
     def _reference(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
         v, typ = t.value, t.type
         if isinstance(v, str):  # canonical / uri
             canonical_url, _, canonical_version = v.partition("|")
-            out.references.append(ReferenceEntry(p.key, None, None, canonical_version or None, canonical_url))
+            rtype, rid, _, _ = parse_reference(canonical_url)
+            # A relative canonical ("Library/x", common in examples) also names a local resource.
+            out.references.append(ReferenceEntry(p.key, rtype, rid, canonical_version or None, canonical_url))
             return
         if not isinstance(v, dict):
             return

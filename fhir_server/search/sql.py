@@ -20,7 +20,17 @@ from fhir_server.clock import now_us
 from fhir_server.errors import BadRequest
 from fhir_server.search import ucum
 from fhir_server.search.dates import period
-from fhir_server.search.extract import PREFIX_CAP, Extractor, decimal_range, normalize, parse_reference, soundex, trigrams, uri_prefixes
+from fhir_server.search.extract import (
+    PREFIX_CAP,
+    Extractor,
+    decimal_range,
+    normalize,
+    parse_reference,
+    scaled_range,
+    soundex,
+    trigrams,
+    uri_prefixes,
+)
 from fhir_server.search.query import Criterion, split_prefix, split_unescaped
 from fhir_server.security.crypto import TenantKeys
 from fhir_server.storage import schema
@@ -225,7 +235,8 @@ class Compiler:
             if len(parts) > 3:
                 raise BadRequest(f"{c.raw_name} takes [prefix]number[|system|code]", expression=c.raw_name)
             if not code:
-                conds.append(self._range_condition(Q.c.low, Q.c.high, prefix + number, "number"))
+                # No unit: compare the values as recorded (never their canonical conversions).
+                conds.append(and_(Q.c.canonical.is_(False), self._range_condition(Q.c.low, Q.c.high, prefix + number, "number")))
                 continue
             if system:
                 original = and_(
@@ -240,11 +251,11 @@ class Compiler:
                     except ucum.NotConvertible:
                         factor, canon = 0.0, ""
                     if canon:
-                        lo, hi = decimal_range(Decimal(number))
+                        lo, hi = scaled_range(Decimal(number), factor)
                         alternatives.append(and_(
                             Q.c.canonical.is_(True),
                             Q.c.system_code_hash == self._blind(rtype, unit_key, f"sc\x00{ucum.UCUM_SYSTEM}|{canon}"),
-                            self._bounds_condition(Q.c.low, Q.c.high, prefix, lo * factor, hi * factor, float(Decimal(number)) * factor, "number"),
+                            self._bounds_condition(Q.c.low, Q.c.high, prefix, lo, hi, float(Decimal(number)) * factor, "number"),
                         ))
                 conds.append(or_(*alternatives))
             else:
@@ -314,7 +325,10 @@ class Compiler:
         type_filter = c.modifier if c.modifier and c.modifier[:1].isupper() else None
         conds = []
         for v in c.values:
-            conds.append(self.reference_match(v, p.targets, type_filter))
+            try:
+                conds.append(self.reference_match(v, p.targets, type_filter))
+            except BadRequest as exc:
+                raise BadRequest(f"{c.raw_name}: {exc}", expression=c.raw_name) from None
         out.conditions.append(R.c.res_id.in_(self._sub(REF, rtype, [REF.c.param_key == p.key, or_(*conds)])))
 
     def reference_match(self, value: str, targets: tuple[str, ...], type_filter: str | None) -> ColumnElement[bool]:
@@ -331,7 +345,10 @@ class Compiler:
                 raise BadRequest(f"{local[:60]!r} is not a reference; use [Type/]id or an absolute URL")
             rid = local
             types = [type_filter] if type_filter else list(targets)
-            cond = and_(REF.c.target_id == rid, REF.c.target_type.in_(types) if types else true())
+            cond = or_(
+                and_(REF.c.target_id == rid, REF.c.target_type.in_(types) if types else true()),
+                REF.c.url_hash == url_hash(rid),  # a canonical written as a bare name
+            )
         else:
             if type_filter and type_filter != rt:
                 return false()
