@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-conformance bench bench-quick definitions clean
+.PHONY: install run test test-unit test-conformance bench bench-quick bench-tools definitions clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is required")'
@@ -29,6 +29,16 @@ test-unit: install
 
 test-conformance: install
 	$(BIN)/python -m pytest conformance_tests
+
+## Benchmarks against a PostgreSQL-backed server started as in production (see benchmarks/README.md).
+bench: install bench-tools
+	FHIR_BENCH_POSTGRES_URL=$$(tools/ensure_postgres.sh) $(BIN)/python -m benchmarks.run
+
+bench-quick: install bench-tools
+	FHIR_BENCH_POSTGRES_URL=$$(tools/ensure_postgres.sh) $(BIN)/python -m benchmarks.run --quick
+
+bench-tools:
+	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (Debian package)"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }; }
 
 ## Rebuild the package data from the official definitions in ../shared (developers only).
 definitions:

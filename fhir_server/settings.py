@@ -25,8 +25,8 @@ class _SettingsSchema(Schema):
     migration_database_url = mf.String(load_default=None, allow_none=True)
     host = mf.String(load_default="127.0.0.1")
     port = mf.Integer(load_default=8080, validate=validate.Range(min=0, max=65535))
-    workers = mf.Integer(load_default=2, validate=validate.Range(min=1, max=256))
-    threads = mf.Integer(load_default=8, validate=validate.Range(min=1, max=256))
+    workers = mf.Integer(load_default=lambda: (os.cpu_count() or 1) + 1, validate=validate.Range(min=1, max=256))
+    threads = mf.Integer(load_default=2, validate=validate.Range(min=1, max=256))
     base_url = mf.String(load_default=None, allow_none=True)
     max_body_bytes = mf.Integer(load_default=16 * 1024 * 1024, validate=validate.Range(min=1024))
     max_json_depth = mf.Integer(load_default=100, validate=validate.Range(min=8, max=900))
@@ -55,8 +55,8 @@ class Settings:
     migration_database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 2
-    threads: int = 8
+    workers: int = 3
+    threads: int = 2
     base_url: str | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     max_json_depth: int = 100

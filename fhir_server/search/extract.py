@@ -24,8 +24,8 @@ from fhir_server.search.dates import InvalidDate, period
 from fhir_server.search.parameters import SearchParam, SearchParameters
 from fhir_server.search.paths import Typed
 
-PREFIX_CAP = 32  # string prefixes are hashed up to this length; longer queries are confirmed after decryption
-TRIGRAM_CAP = 256  # distinct trigrams hashed per value; beyond, the value is marked and confirmed
+PREFIX_CAP = 16  # string prefixes are hashed up to this length; longer queries are confirmed after decryption
+TRIGRAM_MAX_LENGTH = 64  # values up to this length get trigram hashes (:contains); longer ones a marker, confirmed
 NEG_INF = -(2**62)
 POS_INF = 2**62
 
@@ -65,6 +65,10 @@ class ReferenceEntry:
     url: str | None
 
 
+# Bits of IndexEntries.mask(): which index tables hold rows of a resource (so a rewrite deletes only there).
+MASK_HASH, MASK_DATE, MASK_NUMBER, MASK_QUANTITY, MASK_REFERENCE = 1, 2, 4, 8, 16
+
+
 @dataclass(slots=True)
 class IndexEntries:
     hashes: list[HashEntry] = field(default_factory=list)
@@ -72,6 +76,15 @@ class IndexEntries:
     numbers: list[RangeEntry] = field(default_factory=list)
     quantities: list[QuantityEntry] = field(default_factory=list)
     references: list[ReferenceEntry] = field(default_factory=list)
+
+    def mask(self) -> int:
+        return (
+            (MASK_HASH if self.hashes else 0)
+            | (MASK_DATE if self.dates else 0)
+            | (MASK_NUMBER if self.numbers else 0)
+            | (MASK_QUANTITY if self.quantities else 0)
+            | (MASK_REFERENCE if self.references else 0)
+        )
 
 
 def normalize(text: str) -> str:
@@ -210,8 +223,9 @@ class Extractor:
             out.hashes.append(HashEntry(key, name, f"s\x00{system}"))
 
     def _text(self, out: IndexEntries, p: SearchParam, text: Any) -> None:
+        # :text matches like a string (starts with), without :contains: no trigrams.
         if isinstance(text, str) and text.strip():
-            self._string_hashes(out, p.sub_key(":text"), p.code + ":text", text)
+            self._string_hashes(out, p.sub_key(":text"), p.code + ":text", text, grams=False)
 
     def _string(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
         v, typ = t.value, t.type
@@ -237,16 +251,17 @@ class Extractor:
                     self._string_hashes(out, p.key, p.code, part)
 
     @staticmethod
-    def _string_hashes(out: IndexEntries, key: int, name: str, text: str) -> None:
+    def _string_hashes(out: IndexEntries, key: int, name: str, text: str, *, grams: bool = True) -> None:
         norm = normalize(text)
         out.hashes.append(HashEntry(key, name, f"x\x00{text}"))
         for n in range(1, min(len(norm), PREFIX_CAP) + 1):
             out.hashes.append(HashEntry(key, name, f"p\x00{norm[:n]}"))
-        grams = trigrams(norm)
-        if len(grams) > TRIGRAM_CAP:
+        if not grams:
+            return
+        if len(norm) > TRIGRAM_MAX_LENGTH:
             out.hashes.append(HashEntry(key, name, "g*\x00"))
-            grams = grams[:TRIGRAM_CAP]
-        for g in grams:
+            return
+        for g in trigrams(norm):
             out.hashes.append(HashEntry(key, name, f"g\x00{g}"))
 
     def _uri(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:

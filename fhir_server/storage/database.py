@@ -15,13 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from fhir_server.settings import Settings
 
 TENANT_SETTING = "fhir.tenant_id"
+_CLEAR_TENANT = text(f"SELECT set_config('{TENANT_SETTING}', '', :local)")
 
 
 def normalise_url(url: str) -> str:
@@ -40,7 +41,9 @@ def make_engine(url: str, settings: Settings, *, pooled: bool = True) -> Engine:
         return _sqlite_engine(url, settings)
     if parsed.get_backend_name() != "postgresql":
         raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # No pre-ping (it costs a round trip per request): a connection the server dropped fails one
+    # request, and SQLAlchemy then invalidates the whole pool; connections are also recycled.
+    kwargs: dict[str, Any] = {"pool_pre_ping": False, "pool_recycle": 1800}
     if pooled:
         kwargs.update(pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size)
     else:
@@ -93,15 +96,36 @@ class Database:
         return self.dialect == "postgresql"
 
     @contextmanager
-    def transaction(self, *, write: bool) -> Iterator[Connection]:
-        """A connection inside one transaction: committed on success, rolled back on any error."""
+    def transaction(self, *, write: bool, binds_tenant_first: bool = False) -> Iterator[Connection]:
+        """A connection inside one transaction: committed on success, rolled back on any error.
+
+        Reads on PostgreSQL run in autocommit mode instead: PostgreSQL's READ COMMITTED gives
+        each statement its own snapshot anyway, and this saves the BEGIN and COMMIT round trips.
+        The tenant binding of such a read lives on the pooled connection, so every unit of work
+        starts by binding or clearing it: ``binds_tenant_first`` promises that the caller's first
+        statement is ``tenants.lookup`` (which always writes the setting); otherwise the setting
+        is cleared here, and row-level security shows nothing until the caller binds a tenant.
+        """
         if os.getpid() != self._pid:
             # A forked worker must not share the parent's pooled connections.
             self.engine.dispose(close=False)
             self._pid = os.getpid()
         with self.engine.connect() as conn:
             conn.info["fhir_write"] = write
+            if not write and self.is_postgres:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.info["fhir_autocommit"] = True
+                try:
+                    if not binds_tenant_first:
+                        conn.execute(_CLEAR_TENANT, {"local": False})
+                    yield conn
+                finally:
+                    conn.info["fhir_autocommit"] = False
+                return
+            conn.info["fhir_autocommit"] = False
             with conn.begin():
+                if self.is_postgres and not binds_tenant_first:
+                    conn.execute(_CLEAR_TENANT, {"local": True})
                 yield conn
 
     def dispose(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, exists, insert, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, exists, insert, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server.clock import now_us
@@ -58,6 +58,7 @@ class CurrentState:
     version: int
     last_updated: int
     deleted: bool
+    index_mask: int = 0
 
 
 # Position of a history entry in its descending order: (last_updated, type, id, version).
@@ -78,6 +79,28 @@ class HistoryQuery:
 
 BodyBuilder = Callable[[int, int], bytes]  # (version, last_updated) -> resource JSON
 
+# The hot statements, built once (bound parameters; SQLAlchemy caches their compiled form).
+_OWNER = and_(R.c.tenant_id == bindparam("tid"), R.c.res_type == bindparam("rt"), R.c.res_id == bindparam("rid"))
+_CURRENT = select(R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask).where(_OWNER)
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_READ = (
+    select(V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_version, V.c.body)
+    .select_from(R.join(V, and_(
+        V.c.tenant_id == R.c.tenant_id, V.c.res_type == R.c.res_type, V.c.res_id == R.c.res_id, V.c.version == R.c.version
+    )))
+    .where(_OWNER)
+)
+_VREAD = select(V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_version, V.c.body).where(
+    V.c.tenant_id == bindparam("tid"), V.c.res_type == bindparam("rt"), V.c.res_id == bindparam("rid"),
+    V.c.version == bindparam("v"),
+)
+_UPDATE_CURRENT = (
+    update(R)
+    .where(_OWNER)
+    .values(version=bindparam("v"), last_updated=bindparam("lu"), deleted=bindparam("del"), index_mask=bindparam("mask"))
+)
+_INSERT_VERSION = insert(V)
+
 
 class ResourceRepository:
     """Every FHIR interaction's storage step, for the tenant this transaction is bound to."""
@@ -92,34 +115,17 @@ class ResourceRepository:
     # --- reads -------------------------------------------------------------------------
 
     def current_state(self, res_type: str, res_id: str, *, lock: bool = False) -> CurrentState | None:
-        stmt = select(R.c.version, R.c.last_updated, R.c.deleted).where(
-            R.c.tenant_id == self._tid, R.c.res_type == res_type, R.c.res_id == res_id
-        )
-        if lock:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
-        return None if row is None else CurrentState(row.version, row.last_updated, row.deleted)
+        stmt = _CURRENT_FOR_UPDATE if lock else _CURRENT
+        row = self.conn.execute(stmt, {"tid": self._tid, "rt": res_type, "rid": res_id}).first()
+        return None if row is None else CurrentState(row.version, row.last_updated, row.deleted, row.index_mask)
 
     def read(self, res_type: str, res_id: str) -> VersionRecord | None:
         """The current version (a deletion record if deleted), or None if it never existed."""
-        stmt = (
-            select(V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_version, V.c.body)
-            .select_from(R.join(V, and_(
-                V.c.tenant_id == R.c.tenant_id,
-                V.c.res_type == R.c.res_type,
-                V.c.res_id == R.c.res_id,
-                V.c.version == R.c.version,
-            )))
-            .where(R.c.tenant_id == self._tid, R.c.res_type == res_type, R.c.res_id == res_id)
-        )
-        row = self.conn.execute(stmt).first()
+        row = self.conn.execute(_READ, {"tid": self._tid, "rt": res_type, "rid": res_id}).first()
         return None if row is None else self._record(res_type, res_id, row)
 
     def vread(self, res_type: str, res_id: str, version: int) -> VersionRecord | None:
-        stmt = select(V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_version, V.c.body).where(
-            V.c.tenant_id == self._tid, V.c.res_type == res_type, V.c.res_id == res_id, V.c.version == version
-        )
-        row = self.conn.execute(stmt).first()
+        row = self.conn.execute(_VREAD, {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version}).first()
         return None if row is None else self._record(res_type, res_id, row)
 
     def _record(self, res_type: str, res_id: str, row: object) -> VersionRecord:
@@ -152,32 +158,34 @@ class ResourceRepository:
         create_only: bool = False,
     ) -> WriteResult:
         """Store a new version of a resource (creating it if needed), with its index rows, and return it."""
+        mask = index.mask() if index is not None else 0
         for _ in range(5):
-            state = self.current_state(res_type, res_id, lock=True)
+            state = None if create_only else self.current_state(res_type, res_id, lock=True)
             now = now_us()
             if state is None:
                 if if_match is not None:
                     raise VersionConflict(None)
-                if not self._insert_current(res_type, res_id, now):
+                if not self._insert_current(res_type, res_id, now, mask):
+                    if create_only:
+                        raise AlreadyExists(res_id)
                     continue  # a concurrent writer created it first: lock its row and update
                 version, last_updated, created = 1, now, True
             else:
-                if create_only:
-                    raise AlreadyExists(res_id)
                 if if_match is not None and state.version != if_match:
                     raise VersionConflict(state.version)
                 version = state.version + 1
                 last_updated = max(now, state.last_updated + 1)  # never earlier than the version before
                 self.conn.execute(
-                    update(R)
-                    .where(R.c.tenant_id == self._tid, R.c.res_type == res_type, R.c.res_id == res_id)
-                    .values(version=version, last_updated=last_updated, deleted=False)
+                    _UPDATE_CURRENT,
+                    {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated, "del": False, "mask": mask},
                 )
                 created = state.deleted
             body = build(version, last_updated)
             self._insert_version(res_type, res_id, version, last_updated, method, body)
             if index is not None:
-                indexing.write(self.conn, self.sealer.keys, res_type, res_id, index, replace=state is not None)
+                indexing.write(self.conn, self.sealer.keys, res_type, res_id, index, old_mask=state.index_mask if state else 0)
+            elif state is not None:
+                indexing.remove(self.conn, self._tid, res_type, res_id, state.index_mask)
             record = VersionRecord(res_type, res_id, version, last_updated, False, method, body)
             return WriteResult(record, created)
         raise RuntimeError("could not obtain the resource row after repeated concurrent creation")
@@ -194,16 +202,17 @@ class ResourceRepository:
         version = state.version + 1
         last_updated = max(now_us(), state.last_updated + 1)
         self.conn.execute(
-            update(R)
-            .where(R.c.tenant_id == self._tid, R.c.res_type == res_type, R.c.res_id == res_id)
-            .values(version=version, last_updated=last_updated, deleted=True)
+            _UPDATE_CURRENT,
+            {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated, "del": True, "mask": 0},
         )
         self._insert_version(res_type, res_id, version, last_updated, "DELETE", None)
-        indexing.remove(self.conn, self._tid, res_type, res_id)
+        indexing.remove(self.conn, self._tid, res_type, res_id, state.index_mask)
         return VersionRecord(res_type, res_id, version, last_updated, True, "DELETE", None)
 
-    def _insert_current(self, res_type: str, res_id: str, now: int) -> bool:
-        values = dict(tenant_id=self._tid, res_type=res_type, res_id=res_id, version=1, last_updated=now, deleted=False)
+    def _insert_current(self, res_type: str, res_id: str, now: int, mask: int) -> bool:
+        values = dict(
+            tenant_id=self._tid, res_type=res_type, res_id=res_id, version=1, last_updated=now, deleted=False, index_mask=mask
+        )
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert
         stmt = dialect_insert(R).values(**values).on_conflict_do_nothing().returning(R.c.version)
         return self.conn.execute(stmt).first() is not None
@@ -216,17 +225,18 @@ class ResourceRepository:
         else:
             key_version, sealed = self.sealer.seal_resource(res_type, res_id, version, body)
         self.conn.execute(
-            insert(V).values(
-                tenant_id=self._tid,
-                res_type=res_type,
-                res_id=res_id,
-                version=version,
-                last_updated=last_updated,
-                method=method,
-                deleted=body is None,
-                key_version=key_version,
-                body=sealed,
-            )
+            _INSERT_VERSION,
+            {
+                "tenant_id": self._tid,
+                "res_type": res_type,
+                "res_id": res_id,
+                "version": version,
+                "last_updated": last_updated,
+                "method": method,
+                "deleted": body is None,
+                "key_version": key_version,
+                "body": sealed,
+            },
         )
 
     # --- history -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    SmallInteger,
     String,
     Table,
 )
@@ -60,6 +61,9 @@ resources = Table(
     Column("version", Integer, nullable=False),
     Column("last_updated", BigInteger, nullable=False),
     Column("deleted", Boolean, nullable=False),
+    # Which index tables hold this resource's rows (search/extract.py MASK_*), so a rewrite
+    # deletes only where there is something to delete.
+    Column("index_mask", SmallInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("tenant_id", "res_type", "res_id", name="pk_resources"),
     Index("ix_resources_type_updated", "tenant_id", "res_type", "last_updated"),
 )

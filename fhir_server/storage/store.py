@@ -30,7 +30,7 @@ class Storage:
 
         Raises ``tenants.TenantNotFound`` for an unknown or deleted tenant.
         """
-        with self.db.transaction(write=write) as conn:
+        with self.db.transaction(write=write, binds_tenant_first=True) as conn:
             tenant = tenants.lookup(conn, tenant_name)
             keys = self.keyring.keys_for(conn, tenant)
             yield ResourceRepository(conn, tenant, Sealer(self.cipher, keys))

@@ -12,9 +12,8 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Connection, String, cast, delete, func, insert, select, text, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from fhir_server.clock import now_us
@@ -57,20 +56,29 @@ def check_name(name: str) -> str:
 def bind_tenant(conn: Connection, tenant_id: int) -> None:
     """Bind this transaction to a tenant: on PostgreSQL, row-level security then admits only its rows."""
     if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT set_config(:k, :v, true)"), {"k": TENANT_SETTING, "v": str(tenant_id)})
+        local = not conn.info.get("fhir_autocommit")
+        conn.execute(text("SELECT set_config(:k, :v, :local)"), {"k": TENANT_SETTING, "v": str(tenant_id), "local": local})
+
+
+# One round trip: resolve the tenant and bind row-level security to it. The setting is always
+# written, empty when the tenant is unknown or inactive, so no earlier binding can linger.
+_LOOKUP_PG = text(
+    "SELECT t.id, t.status, t.data_key_version, "
+    "set_config('" + TENANT_SETTING + "', COALESCE(CASE WHEN t.status = 'active' THEN CAST(t.id AS TEXT) END, ''), :local) "
+    "FROM (SELECT 1) AS one LEFT JOIN tenants AS t ON t.name = :name"
+)
+_LOOKUP = text("SELECT id, status, data_key_version FROM tenants WHERE name = :name")
 
 
 def lookup(conn: Connection, name: str) -> Tenant:
     """The active tenant called ``name``, bound to this transaction; TenantNotFound otherwise."""
     if not TENANT_NAME.fullmatch(name):
         raise TenantNotFound(name)
-    t = schema.tenants
-    columns: list[Any] = [t.c.id, t.c.status, t.c.data_key_version]
     if conn.dialect.name == "postgresql":
-        # Resolve the tenant and bind row-level security to it in one round trip.
-        columns.append(func.set_config(TENANT_SETTING, cast(t.c.id, String), True))
-    row = conn.execute(select(*columns).where(t.c.name == name)).first()
-    if row is None or row.status != "active":
+        row = conn.execute(_LOOKUP_PG, {"name": name, "local": not conn.info.get("fhir_autocommit")}).first()
+    else:
+        row = conn.execute(_LOOKUP, {"name": name}).first()
+    if row is None or row.id is None or row.status != "active":
         raise TenantNotFound(name)
     return Tenant(row.id, name, row.status, row.data_key_version)
 

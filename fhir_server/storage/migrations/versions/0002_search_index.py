@@ -32,6 +32,8 @@ def _owner_columns() -> list[sa.Column]:  # type: ignore[type-arg]
 def upgrade() -> None:
     pg = pgddl.is_postgres()
     part = pgddl.tenant_table_kwargs() if pg else {}
+    with op.batch_alter_table("resources") as batch:
+        batch.add_column(sa.Column("index_mask", sa.SmallInteger, nullable=False, server_default="0"))
     op.create_table(
         "idx_hash",
         *_owner_columns(),
@@ -95,3 +97,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     for table in reversed(TABLES):
         op.drop_table(table)
+    with op.batch_alter_table("resources") as batch:
+        batch.drop_column("index_mask")

@@ -1,0 +1,342 @@
+"""Run the benchmark workloads against a PostgreSQL-backed server started as in production.
+
+    python -m benchmarks.run [--quick] [--patients N] [--seconds S]
+
+Writes benchmarks/results/<date>-<commit>.json and prints a Markdown table. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks import datagen
+from benchmarks.harness import DEFAULT_ADMIN, ROOT, Database, Server, create_database, start_fhir_server, start_gunicorn_app, wrk
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small data, short runs (under 3 minutes)")
+    parser.add_argument("--patients", type=int, default=None, help="patients in the main data set (D1 = 1000)")
+    parser.add_argument("--seconds", type=int, default=None, help="duration of each wrk run")
+    parser.add_argument("--admin-url", default=os.environ.get("FHIR_BENCH_POSTGRES_URL") or os.environ.get("FHIR_TEST_POSTGRES_URL") or DEFAULT_ADMIN)
+    args = parser.parse_args(argv)
+    patients = args.patients or (60 if args.quick else 1000)
+    seconds = args.seconds or (6 if args.quick else 20)
+    small = 20 if args.quick else 100
+    work = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "mode": "quick" if args.quick else "full",
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": {"patients": patients, "seconds": seconds, "workers": 3, "threads": 2,
+                     "auth": "not yet implemented", "audit": "not yet implemented", "encryption": "aes-256-gcm"},
+        "workloads": {},
+        "baselines": {},
+    }
+    databases: list[Database] = []
+    servers: list[Server] = []
+    try:
+        db = create_database(args.admin_url)
+        databases.append(db)
+        server = start_fhir_server(db, work / "main")
+        servers.append(server)
+        _log(f"server up at {server.base_url}; loading {patients} patients")
+        bundles = list(datagen.patients(patients))
+        results["workloads"]["W1"] = ingest(server, bundles, uploaders=4)
+        analyze(db)  # fresh statistics, as autovacuum would gather on a database in service
+        paths = _write_paths(work, server, bundles)
+        w = results["workloads"]
+        w["W2"] = {
+            "1 connection": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=1, threads=1, seconds=seconds).__dict__,
+            "16 connections": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=16, threads=2, seconds=seconds).__dict__,
+        }
+        _log("W2 done")
+        w["W3"] = wrk(server.base_url, "crud.lua", [_path(server), "w3"], connections=32, threads=32, seconds=seconds).__dict__
+        _log("W3 done")
+        w["W4"] = wrk(server.base_url, "paths.lua", [str(paths["search"])], connections=16, threads=2, seconds=seconds).__dict__
+        _log("W4 done")
+        w["W5"] = count_workload(server, paths, seconds)
+        _log("W5 done")
+        w["W6"] = readout(server)
+        _log("W6 done")
+        for name in ("W7", "W9"):
+            w[name] = {"status": "not run: the feature has not landed ($everything, HL7 v2)"}
+        w["W8"] = {"status": "not run in this mode" if args.quick else "not run: D2 (10,000 patients) loading not attempted; see README"}
+        results["peak_worker_rss_mib"] = server.peak_rss_mib()
+        results["baselines"] = baselines(work, db, server, paths, seconds)
+        _log("baselines done")
+        results["encryption"] = encryption_cost(work, args.admin_url, bundles[:small], seconds, databases, servers)
+        _log("encryption comparison done")
+    finally:
+        for s in servers:
+            s.stop()
+        for d in databases:
+            try:
+                d.drop()
+            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
+                _log(f"could not drop {d.name}: {exc}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{dt.date.today().isoformat()}-{results['commit']}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report(results))
+    print(f"\nresults written to {out.relative_to(ROOT)}")
+    return 0
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _path(server: Server) -> str:
+    return "/" + server.base_url.split("/", 3)[3] + "/"
+
+
+# --- W1: ingest --------------------------------------------------------------------------------------
+
+def ingest(server: Server, bundles: list[dict[str, Any]], *, uploaders: int) -> dict[str, Any]:
+    """Each patient's entries written by one of the uploaders (PUT per entry until transactions land)."""
+    sessions = threading.local()
+
+    def upload(bundle: dict[str, Any]) -> int:
+        http = getattr(sessions, "http", None)
+        if http is None:
+            http = sessions.http = requests.Session()
+        for entry in bundle["entry"]:
+            r = http.put(f"{server.base_url}/{entry['request']['url']}", data=json.dumps(entry["resource"]), headers=FHIR_JSON, timeout=60)
+            if r.status_code not in (200, 201):
+                raise RuntimeError(f"ingest failed: {r.status_code} {r.text[:300]}")
+        return len(bundle["entry"])
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(uploaders) as pool:
+        total = sum(pool.map(upload, bundles))
+    elapsed = time.monotonic() - started
+    return {"resources": total, "seconds": round(elapsed, 1), "resources_per_s": round(total / elapsed, 1),
+            "method": "PUT per entry, 4 uploaders (transaction Bundles arrive with the transaction issue)"}
+
+
+def analyze(db: Database) -> None:
+    import psycopg
+
+    with psycopg.connect(db.owner_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
+def _write_paths(work: Path, server: Server, bundles: list[dict[str, Any]]) -> dict[str, Path]:
+    base = _path(server)
+    rnd = random.Random(7)
+    reads = [f"{base}{e['request']['url']}" for b in bundles for e in b["entry"]]
+    rnd.shuffle(reads)
+    patients = [b["entry"][0]["resource"] for b in bundles]
+    searches = []
+    for i in range(400):
+        p = rnd.choice(patients)
+        kind = i % 5
+        if kind == 0:  # token
+            code = rnd.choice(datagen.VITALS + datagen.LABS)[0]
+            searches.append(f"{base}Observation?code=http://loinc.org|{code}&patient=Patient/{p['id']}&_count=20")
+        elif kind == 1:  # date
+            day = dt.date(2020, 1, 1) + dt.timedelta(days=rnd.randrange(0, 700))
+            searches.append(f"{base}Encounter?date=ge{day.isoformat()}&date=lt{(day + dt.timedelta(days=7)).isoformat()}&_count=20")
+        elif kind == 2:  # reference
+            searches.append(f"{base}Condition?subject=Patient/{p['id']}&_count=20")
+        elif kind == 3:  # string
+            searches.append(f"{base}Patient?family={p['name'][0]['family'][:4]}&_count=20")
+        else:  # _include
+            searches.append(f"{base}MedicationRequest?patient={p['id']}&_include=MedicationRequest:patient&_count=20")
+    paths = {"reads": work / "reads.txt", "search": work / "search.txt", "ids": work / "ids.txt"}
+    paths["reads"].write_text("\n".join(reads) + "\n")
+    paths["search"].write_text("\n".join(searches) + "\n")
+    paths["ids"].write_text("\n".join(e["request"]["url"] for b in bundles for e in b["entry"]) + "\n")
+    return paths
+
+
+# --- W5, W6 --------------------------------------------------------------------------------------------
+
+def count_workload(server: Server, paths: dict[str, Path], seconds: int) -> dict[str, Any]:
+    url = f"{_path(server)}Observation?code=http://loinc.org|8480-6&_summary=count"
+    matches = requests.get(server.base_url.split("/fhir/")[0] + url, timeout=60).json()["total"]
+    file = paths["reads"].parent / "count.txt"
+    file.write_text(url + "\n")
+    r = wrk(server.base_url, "paths.lua", [str(file)], connections=4, threads=2, seconds=seconds)
+    return {**r.__dict__, "matches_per_request": matches, "matches_counted_per_s": round(matches * r.rps)}
+
+
+def readout(server: Server) -> dict[str, Any]:
+    http = requests.Session()
+    url: str | None = f"{server.base_url}/Observation?_count=1000"
+    total = pages = 0
+    started = time.monotonic()
+    while url:
+        r = http.get(url, timeout=300)
+        r.raise_for_status()
+        bundle = r.json()
+        total += len(bundle.get("entry", []))
+        pages += 1
+        url = next((l["url"] for l in bundle["link"] if l["relation"] == "next"), None)
+    elapsed = time.monotonic() - started
+    return {"resources": total, "pages": pages, "seconds": round(elapsed, 2), "resources_per_s": round(total / elapsed, 1)}
+
+
+# --- baselines ------------------------------------------------------------------------------------------
+
+def baselines(work: Path, db: Database, server: Server, paths: dict[str, Path], seconds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    http = start_gunicorn_app("benchmarks.baseline_app:http_app()", work / "b_http", {})
+    try:
+        fixed = work / "fixed.txt"
+        fixed.write_text("/fixed\n")
+        out["B_http"] = wrk(http.base_url, "paths.lua", [str(fixed)], connections=16, threads=2, seconds=seconds).__dict__
+    finally:
+        http.stop()
+    pk = start_gunicorn_app("benchmarks.baseline_app:pk_app()", work / "b_pk", {**server.env, "BENCH_IDS_FILE": str(paths["ids"])})
+    try:
+        pk_path = work / "pk.txt"
+        pk_path.write_text("/pk\n")
+        out["B_pk"] = wrk(pk.base_url, "paths.lua", [str(pk_path)], connections=16, threads=2, seconds=seconds).__dict__
+    finally:
+        pk.stop()
+    out["B_copy"] = copy_baseline(db)
+    return out
+
+
+def copy_baseline(db: Database) -> dict[str, Any]:
+    """PostgreSQL COPY of the same (encrypted) resource and index rows into empty tables of the same shape."""
+    import psycopg
+
+    url = db.owner_url.replace("postgresql+psycopg://", "postgresql://")
+    tables = ["resources", "resource_versions", "idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference"]
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT set_config('fhir.tenant_id', (SELECT id::text FROM tenants WHERE name = 'default'), false)")
+        dumps: dict[str, bytes] = {}
+        for t in tables:
+            buf = io.BytesIO()
+            with conn.cursor().copy(f"COPY (SELECT * FROM {t}) TO STDOUT") as cp:  # row-level security forbids COPY t TO
+                for chunk in cp:
+                    buf.write(chunk)
+            dumps[t] = buf.getvalue()
+        resources = conn.execute("SELECT count(*) FROM resources").fetchone()[0]  # type: ignore[index]
+        for t in tables:
+            conn.execute(f"CREATE TEMP TABLE copy_{t} (LIKE {t})")
+        started = time.monotonic()
+        for t in tables:
+            with conn.cursor().copy(f"COPY copy_{t} FROM STDIN") as cp:
+                cp.write(dumps[t])
+        conn.commit()
+        elapsed = time.monotonic() - started
+        rows = {t: conn.execute(f"SELECT count(*) FROM copy_{t}").fetchone()[0] for t in tables}  # type: ignore[index]
+    return {"resources": resources, "rows": rows, "bytes": sum(len(d) for d in dumps.values()),
+            "seconds": round(elapsed, 3), "resources_per_s": round(resources / elapsed, 1)}
+
+
+# --- encryption cost --------------------------------------------------------------------------------------
+
+def encryption_cost(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int,
+                    databases: list[Database], servers: list[Server]) -> dict[str, Any]:
+    """The same build with AES-256-GCM and with the null cipher, same data, in one run, alternating."""
+    runs: dict[str, dict[str, list[float]]] = {"aes-256-gcm": {"create": [], "read": []}, "null": {"create": [], "read": []}}
+    pair: dict[str, Server] = {}
+    for cipher in runs:
+        db = create_database(admin_url)
+        databases.append(db)
+        srv = start_fhir_server(db, work / f"cipher-{cipher}", cipher=cipher)
+        servers.append(srv)
+        ingest(srv, bundles, uploaders=4)
+        analyze(db)
+        pair[cipher] = srv
+    reads = work / "enc-reads.txt"
+    reads.write_text("\n".join(f"{_path(pair['null'])}{e['request']['url']}" for b in bundles for e in b["entry"]) + "\n")
+    # Short runs, interleaved, compared by their medians: this machine's noise is larger than the effect.
+    span = max(3, seconds // 2)
+    for round_ in range(5):
+        order = list(pair.items()) if round_ % 2 == 0 else list(reversed(pair.items()))
+        for cipher, srv in order:
+            c = wrk(srv.base_url, "crud.lua", [_path(srv), f"enc{round_}", "create-only"], connections=16, threads=16, seconds=span)
+            r = wrk(srv.base_url, "paths.lua", [str(reads)], connections=16, threads=2, seconds=span)
+            runs[cipher]["create"].append(c.rps)
+            runs[cipher]["read"].append(r.rps)
+    median = {c: {k: sorted(v)[len(v) // 2] for k, v in w.items()} for c, w in runs.items()}
+    cost = {k: round(100 * (median["null"][k] - median["aes-256-gcm"][k]) / median["null"][k], 1) for k in ("create", "read")}
+    return {"median_rps": median, "all_rps": runs, "cost_pct": cost, "goal": "< 15% on create and read"}
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+def report(r: dict[str, Any]) -> str:
+    w, b = r["workloads"], r["baselines"]
+    rows = [("id", "workload", "result", "goal", "verdict")]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    w1 = w["W1"]
+    rows.append(("W1", "ingest (PUT per entry, 4 uploaders)", f"{w1['resources_per_s']} resources/s ({w1['resources']} resources)",
+                 ">= 1,200 resources/s (transaction Bundles)", verdict(w1["resources_per_s"] >= 1200)))
+    one, many = w["W2"]["1 connection"], w["W2"]["16 connections"]
+    pk = b.get("B_pk", {}).get("rps", 0)
+    rows.append(("W2", "read by id, 1 connection", f"p50 {one['p50_ms']} ms ({one['rps']} req/s)", "p50 <= 2 ms", verdict(one["p50_ms"] <= 2)))
+    rows.append(("W2", "read by id, 16 connections", f"{many['rps']} req/s, p99 {many['p99_ms']} ms, {many['errors']} errors",
+                 ">= 2,500 req/s and >= 0.5 x B_pk", verdict(many["rps"] >= 2500 and many["rps"] >= 0.5 * pk and many["errors"] == 0)))
+    w3 = w["W3"]
+    rows.append(("W3", "create/read/update/delete, 9 types, 32 connections", f"{w3['rps']} req/s, p99 {w3['p99_ms']} ms, {w3['errors']} errors",
+                 ">= 1,000 req/s, p99 <= 50 ms", verdict(w3["rps"] >= 1000 and w3["p99_ms"] <= 50 and w3["errors"] == 0)))
+    w4 = w["W4"]
+    rows.append(("W4", "search mix (token, date, reference, string, _include), 16 connections",
+                 f"{w4['rps']} req/s, p95 {w4['p95_ms']} ms, {w4['errors']} errors", ">= 600 req/s, p95 <= 25 ms",
+                 verdict(w4["rps"] >= 600 and w4["p95_ms"] <= 25 and w4["errors"] == 0)))
+    w5 = w["W5"]
+    rows.append(("W5", "Observation?code=...&_summary=count", f"{w5['matches_counted_per_s']:,} matches/s ({w5['rps']} req/s x {w5['matches_per_request']})",
+                 ">= 2,000,000 matches/s", verdict(w5["matches_counted_per_s"] >= 2_000_000)))
+    w6 = w["W6"]
+    rows.append(("W6", "paged read-out of all Observations, _count=1000", f"{w6['resources_per_s']} resources/s ({w6['resources']} in {w6['pages']} pages)",
+                 ">= 15,000 resources/s", verdict(w6["resources_per_s"] >= 15000)))
+    for name in ("W7", "W8", "W9"):
+        rows.append((name, w[name]["status"], "-", "-", "-"))
+    rows.append(("B_http", "gunicorn + Flask, fixed 1 KB JSON, 16 connections", f"{b['B_http']['rps']} req/s, p50 {b['B_http']['p50_ms']} ms", "baseline", ""))
+    rows.append(("B_pk", "PK SELECT + decrypt of one encrypted row, 16 connections", f"{b['B_pk']['rps']} req/s, p50 {b['B_pk']['p50_ms']} ms", "baseline", ""))
+    rows.append(("B_copy", "PostgreSQL COPY of the same resource and index rows", f"{b['B_copy']['resources_per_s']} resources/s", "baseline", ""))
+    enc = r["encryption"]
+    rows.append(("enc", "AES-256-GCM vs null cipher (create / read, 16 connections)",
+                 f"create {enc['cost_pct']['create']}% / read {enc['cost_pct']['read']}% slower "
+                 f"(medians {enc['median_rps']['aes-256-gcm']['create']}/{enc['median_rps']['null']['create']} and "
+                 f"{enc['median_rps']['aes-256-gcm']['read']}/{enc['median_rps']['null']['read']} req/s)",
+                 "< 15%", verdict(enc["cost_pct"]["create"] < 15 and enc["cost_pct"]["read"] < 15)))
+    lines = [f"Benchmark {r['mode']} run, commit {r['commit']}, {r['date']}, {r['machine']['cpus']} CPUs; "
+             f"{r['settings']['patients']} patients; server peak RSS per worker {r.get('peak_worker_rss_mib')} MiB; "
+             f"wrk CPU during W2/16: {w['W2']['16 connections']['client_cpu_pct']}%", ""]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    for i, row in enumerate(rows):
+        lines.append("| " + " | ".join(str(c).ljust(widths[j]) for j, c in enumerate(row)) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (wd + 2) for wd in widths) + "|")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
