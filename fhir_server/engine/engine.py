@@ -17,6 +17,7 @@ from fhir_server.engine import history, resources, search
 from fhir_server.engine.features import search_features
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.errors import (
+    BadRequest,
     FhirError,
     IntegrityFailure,
     MethodNotAllowed,
@@ -32,7 +33,7 @@ from fhir_server.security.keys import KeyUnavailable
 from fhir_server.settings import Settings
 from fhir_server.storage.repository import AlreadyExists, VersionConflict
 from fhir_server.storage.store import Storage
-from fhir_server.storage.tenants import TenantNotFound
+from fhir_server.storage.tenants import TENANT_NAME, TenantNotFound
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class Engine:
         try:
             return self._route(req)
         except TenantNotFound:
+            if not TENANT_NAME.fullmatch(req.tenant):
+                raise BadRequest(
+                    f"Invalid tenant name {req.tenant[:80]!r}: use 1 to 63 lowercase letters, digits and hyphens",
+                    expression="tenant",
+                ) from None
             raise NotFound(f"Unknown tenant {req.tenant[:63]!r}", expression="tenant") from None
         except VersionConflict as exc:
             if exc.current is None:

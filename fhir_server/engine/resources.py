@@ -9,6 +9,7 @@ from fhir_server import fhirjson
 from fhir_server.capability.validation import ID_PATTERN, validate_resource
 from fhir_server.clock import http_date, instant, parse_http_date
 from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, FhirRequest, FhirResponse
+from fhir_server.engine.subsetting import subset
 from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outcome
 from fhir_server.fhirjson import RawJson
 from fhir_server.storage.repository import VersionRecord
@@ -96,7 +97,18 @@ def read(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse
     headers = version_headers(engine, req, rec)
     if not_modified(req, rec):
         return FhirResponse(304, None, headers)
-    return FhirResponse(200, RawJson(rec.body or b""), headers)
+    return FhirResponse(200, _maybe_subset(engine, req, rec), headers)
+
+
+def _maybe_subset(engine: Engine, req: FhirRequest, rec: VersionRecord) -> dict[str, Any] | RawJson:
+    """The body, reduced when the read asks for _summary or _elements."""
+    summary, elements = req.param("_summary"), req.param("_elements")
+    if summary is None and elements is None:
+        return RawJson(rec.body or b"")
+    if summary is not None and summary not in ("true", "text", "data", "false"):
+        raise BadRequest("_summary on a read must be true, text, data or false", expression="_summary")
+    fields = tuple(e.strip() for e in elements.split(",") if e.strip()) if elements is not None else None
+    return subset(engine.registry, fhirjson.loads_stored(rec.body or b"{}"), summary=summary, elements=fields)
 
 
 def not_modified(req: FhirRequest, rec: VersionRecord) -> bool:
@@ -130,7 +142,7 @@ def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> F
     headers = version_headers(engine, req, rec)
     if not_modified(req, rec):
         return FhirResponse(304, None, headers)
-    return FhirResponse(200, RawJson(rec.body or b""), headers)
+    return FhirResponse(200, _maybe_subset(engine, req, rec), headers)
 
 
 def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:

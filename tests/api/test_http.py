@@ -80,6 +80,7 @@ def test_body_over_the_limit_is_413(client: FlaskClient, tenant: str, app: Any) 
         ("GET", "/fhir/{t}/Patient/x", {"Accept": "application/fhir+json; fhirVersion=3.0"}, 406),
         ("GET", "/fhir/{t}/NotAType/x", {}, 404),
         ("GET", "/fhir/no-such-tenant/Patient/x", {}, 404),
+        ("GET", "/fhir/Bad_Tenant/Patient/x", {}, 400),
         ("GET", "/fhir/{t}/Patient/x", {}, 404),
         ("GET", "/nowhere", {}, 404),
         ("DELETE", "/fhir/{t}/metadata", {}, 405),
@@ -109,6 +110,16 @@ def test_metadata(client: FlaskClient, tenant: str) -> None:
     assert r.status_code == 200 and body["resourceType"] == "CapabilityStatement"
     assert body["implementation"]["url"].endswith(f"/fhir/{tenant}")
     assert "application/fhir+json" in body["format"]
+
+
+def test_summary_and_elements_on_read(client: FlaskClient, tenant: str) -> None:
+    put(client, tenant, "Patient/s", {"resourceType": "Patient", "id": "s", "gender": "male", "birthDate": "1970",
+                                      "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">x</div>'}})
+    body = client.get(f"/fhir/{tenant}/Patient/s?_elements=gender").get_json()
+    assert set(body) == {"resourceType", "id", "meta", "gender"}
+    assert body["meta"]["tag"][-1]["code"] == "SUBSETTED"
+    assert "text" not in client.get(f"/fhir/{tenant}/Patient/s?_summary=data").get_json()
+    assert client.get(f"/fhir/{tenant}/Patient/s?_summary=nonsense").status_code == 400
 
 
 def test_prefer_minimal_over_http(client: FlaskClient, tenant: str) -> None:

@@ -26,6 +26,14 @@ def test_resource_of_tenant_a_is_invisible_in_tenant_b(engine: Engine, new_tenan
         call(engine, b, "GET", "Patient/shared-id/_history")
     assert "entry" not in call(engine, b, "GET", "Patient/_history").body  # type: ignore[operator]
     assert "entry" not in call(engine, b, "GET", "_history").body  # type: ignore[operator]
+    def matches(path: str, query: tuple[tuple[str, str], ...]) -> list[Any]:
+        body = call(engine, b, "GET", path, params=query).body
+        return [e for e in body.get("entry", []) if e["search"]["mode"] == "match"]  # type: ignore[union-attr]
+
+    for query in ((), (("_id", "shared-id"),), (("_lastUpdated", "gt2000"),)):
+        assert matches("Patient", query) == [] and matches("", query) == []
+    assert matches("Patient", (("family", "OnlyInA"),)) == []
+    assert call(engine, a, "GET", "Patient", params=(("family", "OnlyInA"),)).body["total"] == 1  # type: ignore[index]
     with pytest.raises(PreconditionFailed):
         call(engine, b, "PUT", "Patient/shared-id", patient("shared-id"), if_match='W/"1"')
     assert call(engine, b, "DELETE", "Patient/shared-id").status == 204  # nothing to delete in b
