@@ -58,7 +58,10 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def _database_unavailable(exc: OperationalError) -> Response:
-    log.error("database unavailable", extra={"error_type": type(exc.orig).__name__ if exc.orig else "unknown"})
+    log.error(
+        "database unavailable",
+        extra={"error_type": type(exc.orig).__name__ if exc.orig else "unknown", "sqlstate": getattr(exc.orig, "sqlstate", None)},
+    )
     outcome = operation_outcome([Issue("The database is unavailable; retry later", "transient")])
     return render_outcome(503, outcome, {"Retry-After": "5"})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from flask import Response, request
@@ -60,6 +61,19 @@ def http_error(exc: HTTPException) -> Response:
 
 def unexpected_error(exc: Exception) -> Response:
     rid = request_id.get()
-    log.exception("unhandled error", extra={"error_type": type(exc).__name__})
+    # The exception's message may quote data (a database error's DETAIL echoes row values): log its
+    # type, SQLSTATE and where it was raised, never its text.
+    orig = getattr(exc, "orig", None)
+    log.error(
+        "unhandled error",
+        extra={
+            "error_type": type(exc).__name__,
+            "cause_type": type(orig).__name__ if orig is not None else None,
+            "sqlstate": getattr(orig, "sqlstate", None),
+            "where": " <- ".join(
+                f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in reversed(traceback.extract_tb(exc.__traceback__)[-8:])
+            ),
+        },
+    )
     message = f"Internal server error; quote request id {rid} when reporting it" if rid else "Internal server error"
     return render_outcome(500, operation_outcome([Issue(message, "exception", "fatal")]))

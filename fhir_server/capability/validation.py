@@ -28,6 +28,7 @@ _XHTML_NS = "{http://www.w3.org/1999/xhtml}"
 _FORBIDDEN_XHTML = {"script", "object", "applet", "embed", "form", "input", "iframe", "base", "link", "meta", "style"}
 _INT32 = (-(2**31), 2**31 - 1)
 _MAX_STRING = 1024 * 1024  # FHIR: strings SHALL NOT exceed 1 MB
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")  # FHIR: no characters below U+0020 but tab, CR, LF
 
 
 def validate_resource(
@@ -202,6 +203,9 @@ class _Walker:
             return
         if len(value) > _MAX_STRING:
             self.issues.add(f"{name} is longer than 1 MB", path, "too-long")
+            return
+        if _CONTROL.search(value):
+            self.issues.add(f"{name} contains a control character (below U+0020 other than tab, CR, LF)", path, "value")
             return
         if name == "xhtml":
             problem = _xhtml_problem(value)

@@ -13,7 +13,7 @@ from typing import Any
 from fhir_server.capability.registry import Registry
 from fhir_server.capability.statement import Features, capability_statement
 from fhir_server.clock import now_us
-from fhir_server.engine import history, resources, search
+from fhir_server.engine import compartments, history, resources, search
 from fhir_server.engine.features import search_features
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.errors import (
@@ -135,12 +135,18 @@ class Engine:
                 return resources.vread(self, req, rtype, rid, path[3])
         if path[2].startswith("$"):
             raise NotFound(f"Unknown operation {path[2][:64]!r} on {rtype}/{rid[:64]}", code="not-supported")
+        if n == 3:
+            self._only(method, ("GET",))
+            return compartments.search_compartment(self, req, rtype, rid, path[2])
         raise NotFound(f"No FHIR interaction at {'/'.join(p[:64] for p in path)[:200]!r}")
 
     def system_search(self, req: FhirRequest) -> FhirResponse:
         """GET [base]?_type=A,B&...: search across types (only parameters common to them all)."""
         type_values = [t.strip() for v in req.param_values("_type") for t in v.split(",") if t.strip()]
-        types = tuple(self._resource_type(t) for t in type_values) if type_values else self.registry.resource_types
+        for t in type_values:
+            if not self.registry.is_resource_type(t):
+                raise BadRequest(f"_type names an unknown resource type {t[:64]!r}", expression="_type")
+        types = tuple(type_values) if type_values else self.registry.resource_types
         pairs = [(k, v) for k, v in req.params if k != "_type"]
         return search.search(self, req, tuple(dict.fromkeys(types)), pairs, system=True)
 

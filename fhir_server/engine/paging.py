@@ -54,6 +54,6 @@ def parse_count(value: str | None, default: int, maximum: int) -> int:
     """``_count``: a whole number from 0 to the configured maximum (larger values are capped)."""
     if value is None:
         return default
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(f"_count must be a whole number from 0 to {maximum}, not {value[:40]!r}", expression="_count")
     return min(int(value), maximum)

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
 
 
+def is_ascii_digits(text: str) -> bool:
+    """0-9 only (str.isdigit also accepts superscripts and other scripts' digits, which int() refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def check_id(rid: str, where: str = "id") -> str:
     if not ID_PATTERN.fullmatch(rid):
         raise BadRequest(
@@ -32,7 +37,7 @@ def parse_etag(value: str, header: str) -> int:
     if text.startswith("W/"):
         text = text[2:]
     text = text.strip('"')
-    if not text.isdigit() or len(text) > 9:
+    if not is_ascii_digits(text) or len(text) > 9:
         raise BadRequest(f"{header} must be a version ETag such as W/\"3\", not {value[:40]!r}", expression=header)
     return int(text)
 
@@ -126,12 +131,12 @@ def not_modified(req: FhirRequest, rec: VersionRecord) -> bool:
 def _etag_version(tag: str) -> int | None:
     text = tag[2:] if tag.startswith("W/") else tag
     text = text.strip('"')
-    return int(text) if text.isdigit() else None
+    return int(text) if is_ascii_digits(text) and len(text) <= 9 else None
 
 
 def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> FhirResponse:
     check_id(rid)
-    if not vid.isdigit() or len(vid) > 9:
+    if not is_ascii_digits(vid) or len(vid) > 9:
         raise NotFound(f"{rtype}/{rid} has no version {vid[:40]!r}; versions are whole numbers", expression="vid")
     with engine.storage.session(req.tenant, write=False) as repo:
         rec = repo.vread(rtype, rid, int(vid))
@@ -150,7 +155,7 @@ def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     if req.if_none_exist is not None:
         raise BadRequest("Conditional create (If-None-Exist) is not supported by this server yet", code="not-supported")
     rid = str(uuid.uuid4())  # the client's id, if any, is ignored (FHIR R4 create)
-    index = engine.extractor.extract(body)
+    index = engine.extractor.extract(body, local_path=f"/fhir/{req.tenant}/")
     with engine.storage.session(req.tenant, write=True) as repo:
         result = repo.write(
             rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="POST", index=index, create_only=True
@@ -172,7 +177,7 @@ def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
             f"The resource id {str(body_id)[:64]!r} does not match the id in the URL {rid!r}", expression=f"{rtype}.id"
         )
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
-    index = engine.extractor.extract(body)
+    index = engine.extractor.extract(body, local_path=f"/fhir/{req.tenant}/")
     with engine.storage.session(req.tenant, write=True) as repo:
         result = repo.write(
             rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="PUT", index=index, if_match=if_match

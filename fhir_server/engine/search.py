@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import math
 import binascii
 import json
 import uuid
 from urllib.parse import urlencode
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cmp_to_key
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ from fhir_server.engine.subsetting import subset
 from fhir_server.errors import BadRequest, Issue, operation_outcome
 from fhir_server.fhirjson import RawJson
 from fhir_server.search.extract import normalize
-from fhir_server.search.query import Include, SearchQuery, SortKey
+from fhir_server.search.query import Clause, Include, SearchQuery, SortKey
 from fhir_server.search.sql import Compiler
 from fhir_server.storage import schema
 from fhir_server.storage.search_store import Row, SearchStore, SortColumn
@@ -46,28 +47,53 @@ class SearchCursor:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
     @classmethod
-    def decode(cls, token: str, key_length: int) -> SearchCursor:
+    def decode(cls, token: str, kinds: list[str]) -> SearchCursor:
+        """Parse a cursor whose key holds one value of each kind (int, float, str, or str? for str-or-None)."""
         try:
             data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
             direction, key, total = data["d"], data["k"], data.get("t")
-            if direction not in ("next", "prev") or not isinstance(key, list) or len(key) != key_length:
+            if direction not in ("next", "prev") or not isinstance(key, list) or len(key) != len(kinds):
                 raise ValueError
-            if total is not None and not isinstance(total, int):
+            if not all(_fits(v, kind) for v, kind in zip(key, kinds)):
+                raise ValueError
+            if total is not None and (not isinstance(total, int) or isinstance(total, bool) or total < 0):
                 raise ValueError
         except (binascii.Error, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             raise BadRequest(f"Invalid {CURSOR_PARAM}: use the links of a previous page", expression=CURSOR_PARAM) from None
         return cls(direction, tuple(key), total)
 
 
-def search(engine: Engine, req: FhirRequest, types: tuple[str, ...], pairs: list[tuple[str, str]], *, system: bool) -> FhirResponse:
-    query = engine.query_parser.parse(types, pairs, strict=req.prefer_handling == "strict")
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "str?" and value is None:
+        return True
+    return isinstance(value, str) and len(value) <= 4096
+
+
+def search(
+    engine: Engine,
+    req: FhirRequest,
+    types: tuple[str, ...],
+    pairs: list[tuple[str, str]],
+    *,
+    system: bool,
+    extra: dict[str, tuple[Clause, ...]] | None = None,
+    path: str | None = None,
+) -> FhirResponse:
+    """Search ``types`` with the query ``pairs``; ``extra`` adds clauses per type (compartments), and
+    ``path`` is the URL path the links repeat (default: the type, or the base for system search)."""
+    query = engine.query_parser.parse(types, pairs, strict=req.prefer_handling == "strict", extra=extra)
     memory_sort = any(k.param.type in ("string", "token", "uri") and not k.param.special for k in query.sort)
     sort_columns = [] if memory_sort else [_sort_column(engine, k, types) for k in query.sort]
-    key_length = (len(query.sort) if memory_sort else len(sort_columns)) + 2
-    cursor = SearchCursor.decode(query.cursor, key_length) if query.cursor else None
+    kinds = ["str?"] * len(query.sort) if memory_sort else [c.kind for c in sort_columns]
+    cursor = SearchCursor.decode(query.cursor, [*kinds, "str", "str"]) if query.cursor else None
     with engine.storage.session(req.tenant, write=False) as repo:
         store = SearchStore(repo)
-        compiler = Compiler(repo.sealer.keys, engine.extractor, req.base_url)
+        compiler = Compiler(repo.sealer.keys, engine.extractor, req.base_url,
+                            materialize=lambda t, c, k: _materialize(engine, store, t, c, k))
         where, confirmations = _where(store, compiler, query, types)
         total: int | None = cursor.total if cursor else None
         if query.summary == "count":
@@ -87,7 +113,8 @@ def search(engine: Engine, req: FhirRequest, types: tuple[str, ...], pairs: list
         included = _includes(engine, store, query, matches) if query.includes and matches else []
     if query.total == "none":
         total = None
-    return FhirResponse(200, _bundle(engine, req, query, types, system, matches, included, more, cursor, total))
+    base = f"{req.base_url}/{path}" if path else (req.base_url if system else f"{req.base_url}/{types[0]}")
+    return FhirResponse(200, _bundle(engine, req, query, base, system, matches, included, more, cursor, total))
 
 
 def _where(store: SearchStore, compiler: Compiler, query: SearchQuery, types: tuple[str, ...]) -> tuple[list[Any], list[Any]]:
@@ -97,22 +124,26 @@ def _where(store: SearchStore, compiler: Compiler, query: SearchQuery, types: tu
         compiled = compiler.compile(query.criteria, types[0])
         where.extend(compiled.conditions)
         confirmations.extend(compiled.confirmations)
-    elif query.criteria:
+    elif any(query.by_type.values()):
         per_type = []
         for t in types:
-            crits = tuple(replace(c, param=_param_for(compiler, c, t)) for c in query.criteria)
-            compiled = compiler.compile(crits, t)
+            compiled = compiler.compile(query.by_type[t], t)
             per_type.append(and_(R.c.res_type == t, *compiled.conditions))
             confirmations.extend(compiled.confirmations)
         where.append(or_(*per_type))
     return where, confirmations
 
 
-def _param_for(compiler: Compiler, criterion: Any, rtype: str) -> Any:
-    params = compiler.extractor.params
-    param = params.get(rtype, criterion.param.code)
-    assert param is not None
-    return param
+def _materialize(engine: Engine, store: SearchStore, rtype: str, conditions: list[Any], confirmations: list[Any]) -> list[str]:
+    """Ids of ``rtype`` resources matching ``conditions`` that pass the confirmations (bounded)."""
+    limit = engine.settings.max_sort_matches
+    rows = store.fetch([*store.base_conditions((rtype,)), *conditions], [], None, limit + 1)
+    if len(rows) > limit:
+        raise BadRequest(
+            f"A criterion inside a chain needs more than {limit} decryptions to confirm; use a shorter or more selective value",
+            code="too-costly",
+        )
+    return [r.res_id for r in rows if _accept(r, confirmations)]
 
 
 def _sort_column(engine: Engine, key: SortKey, types: tuple[str, ...]) -> SortColumn:
@@ -157,8 +188,13 @@ def _sql_page(store: SearchStore, where: list[Any], confirmations: list[Any], so
                 if len(accepted) == want:
                     break
         scanned += len(rows)
-        if len(rows) < batch or scanned > 100_000:
+        if len(rows) < batch:
             break
+        if scanned > 100_000:
+            raise BadRequest(
+                "This search needs more than 100,000 candidates confirmed after decryption for one page; narrow it",
+                code="too-costly",
+            )
         last = rows[-1]
         after = (*last.keys, last.res_type, last.res_id)
     more = len(accepted) > query.count
@@ -293,13 +329,11 @@ def _includes(engine: Engine, store: SearchStore, query: SearchQuery, matches: l
 def _include_keys(engine: Engine, store: SearchStore, inc: Include, frontier: list[Row]) -> list[tuple[str, str]]:
     if inc.reverse:
         targets = [(r.res_type, r.res_id) for r in frontier]
-        if inc.param is None:
-            keys = [p.key for p in engine.search_params.for_type(inc.source_type).values() if p.type == "reference" and p.supported]
-        else:
-            keys = [inc.param.key]
         if inc.target_type:
             targets = [t for t in targets if t[0] == inc.target_type]
-        return store.references_to(targets, keys) if targets and keys else []
+        # _revinclude=* (param None): whatever references the matches, by any parameter.
+        keys = None if inc.param is None else [inc.param.key]
+        return store.references_to(targets, keys) if targets else []
     sources = [(r.res_type, r.res_id) for r in frontier if r.res_type == inc.source_type]
     if inc.param is None:
         keys = [p.key for p in engine.search_params.for_type(inc.source_type).values() if p.type == "reference" and p.supported]
@@ -308,9 +342,8 @@ def _include_keys(engine: Engine, store: SearchStore, inc: Include, frontier: li
     return store.references_from(sources, keys, inc.target_type) if sources and keys else []
 
 
-def _bundle(engine: Engine, req: FhirRequest, query: SearchQuery, types: tuple[str, ...], system: bool, matches: list[Row],
+def _bundle(engine: Engine, req: FhirRequest, query: SearchQuery, base: str, system: bool, matches: list[Row],
             included: list[Row], more: bool, cursor: SearchCursor | None, total: int | None) -> dict[str, Any]:
-    base = req.base_url if system else f"{req.base_url}/{types[0]}"
     params = list(query.self_params)
     if system and not any(k == "_type" for k, _ in params) and req.param("_type"):
         params.insert(0, ("_type", req.param("_type") or ""))

@@ -14,6 +14,7 @@ were cut short), ``ph`` phonetic key, ``u`` uri, ``ub`` uri below-prefix.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
@@ -24,6 +25,8 @@ from fhir_server.search.dates import InvalidDate, period
 from fhir_server.search.parameters import SearchParam, SearchParameters
 from fhir_server.search.paths import Typed
 
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{0,63}")
 PREFIX_CAP = 16  # string prefixes are hashed up to this length; longer queries are confirmed after decryption
 TRIGRAM_MAX_LENGTH = 64  # values up to this length get trigram hashes (:contains); longer ones a marker, confirmed
 NEG_INF = -(2**62)
@@ -57,6 +60,23 @@ class QuantityEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class CompositeEntry:
+    """A composite's value: its first component as hash material, the others as ranges (and a unit)."""
+
+    key: int
+    key_name: str
+    material: str
+    low: float
+    high: float
+    low2: float | None
+    high2: float | None
+    system_code: str | None
+    code: str | None
+    unit: str | None
+    canonical: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ReferenceEntry:
     key: int
     target_type: str | None
@@ -66,7 +86,7 @@ class ReferenceEntry:
 
 
 # Bits of IndexEntries.mask(): which index tables hold rows of a resource (so a rewrite deletes only there).
-MASK_HASH, MASK_DATE, MASK_NUMBER, MASK_QUANTITY, MASK_REFERENCE = 1, 2, 4, 8, 16
+MASK_HASH, MASK_DATE, MASK_NUMBER, MASK_QUANTITY, MASK_REFERENCE, MASK_COMPOSITE = 1, 2, 4, 8, 16, 32
 
 
 @dataclass(slots=True)
@@ -76,6 +96,7 @@ class IndexEntries:
     numbers: list[RangeEntry] = field(default_factory=list)
     quantities: list[QuantityEntry] = field(default_factory=list)
     references: list[ReferenceEntry] = field(default_factory=list)
+    composites: list[CompositeEntry] = field(default_factory=list)
 
     def mask(self) -> int:
         return (
@@ -84,6 +105,7 @@ class IndexEntries:
             | (MASK_NUMBER if self.numbers else 0)
             | (MASK_QUANTITY if self.quantities else 0)
             | (MASK_REFERENCE if self.references else 0)
+            | (MASK_COMPOSITE if self.composites else 0)
         )
 
 
@@ -161,9 +183,15 @@ def to_decimal(value: Any) -> Decimal | None:
 class Extractor:
     def __init__(self, params: SearchParameters) -> None:
         self.params = params
+        self._resource: dict[str, Any] = {}
+        self._local_path: str | None = None
 
-    def extract(self, resource: dict[str, Any]) -> IndexEntries:
+    def extract(self, resource: dict[str, Any], *, local_path: str | None = None) -> IndexEntries:
+        """Index entries of ``resource``; ``local_path`` ("/fhir/{tenant}/") marks absolute references to
+        this server's own resources, which are indexed as local (type and id) as well as by URL."""
         entries = IndexEntries()
+        self._local_path = local_path
+        self._resource = resource  # composites evaluate %resource expressions against it
         rtype = resource.get("resourceType", "")
         for param in self.params.indexed(rtype):
             values: list[Typed] = []
@@ -181,46 +209,52 @@ class Extractor:
     # --- per parameter type ------------------------------------------------------------------
 
     def _token(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        for material in token_value_materials(t):
+            out.hashes.append(HashEntry(p.key, p.code, material))
         v, typ = t.value, t.type
         if typ == "CodeableConcept" and isinstance(v, dict):
             for coding in v.get("coding") or []:
-                self._coding(out, p, coding.get("system"), coding.get("code"))
                 self._text(out, p, coding.get("display"))
             self._text(out, p, v.get("text"))
         elif typ == "Coding" and isinstance(v, dict):
-            self._coding(out, p, v.get("system"), v.get("code"))
             self._text(out, p, v.get("display"))
         elif typ == "Identifier" and isinstance(v, dict):
-            self._coding(out, p, v.get("system"), v.get("value"))
             id_type = v.get("type") or {}
             for coding in id_type.get("coding") or []:
                 if coding.get("code") is not None and v.get("value") is not None:
                     material = f"t\x00{coding.get('system') or ''}\x00{coding['code']}\x00{v['value']}"
                     out.hashes.append(HashEntry(p.sub_key(":of-type"), p.code + ":of-type", material))
             self._text(out, p, id_type.get("text"))
-        elif typ == "ContactPoint" and isinstance(v, dict):
-            self._coding(out, p, None, v.get("value"))
-        elif typ in ("Quantity", "Age", "Duration", "Count", "Distance", "SimpleQuantity") and isinstance(v, dict):
-            self._coding(out, p, v.get("system"), v.get("code"))
-        elif typ == "Reference" and isinstance(v, dict):
-            ident = v.get("identifier")
-            if isinstance(ident, dict):
-                self._coding(out, p, ident.get("system"), ident.get("value"))
-        elif isinstance(v, bool):
-            self._coding(out, p, None, "true" if v else "false")
-        elif isinstance(v, (str, int, Decimal)):
-            self._coding(out, p, None, str(v))
 
-    def _coding(self, out: IndexEntries, p: SearchParam, system: Any, code: Any) -> None:
-        if code is None and system is None:
+    def _composite(self, out: IndexEntries, p: SearchParam, root: Typed) -> None:
+        """One composite value per root (the resource, or e.g. each Observation.component)."""
+        resource = self._resource
+        first, rest = p.components[0], p.components[1:]
+        firsts = first.evaluate(resource, root)
+        m1s = list(dict.fromkeys(
+            m for v in firsts for m in (token_value_materials(v) if first.type == "token" else reference_materials(v.value))
+        ))
+        if not m1s:
             return
-        key, name = p.key, p.code
-        if code is not None:
-            code_s = str(code)
-            out.hashes.append(HashEntry(key, name, f"c\x00{code_s}"))
-            out.hashes.append(HashEntry(key, name, f"sc\x00{system or ''}\x00{code_s}"))
-        if system:
-            out.hashes.append(HashEntry(key, name, f"s\x00{system}"))
+        if len(rest) == 1 and rest[0].type in ("token", "string"):
+            seconds = rest[0].evaluate(resource, root)
+            m2s = [m for v in seconds for m in (token_value_materials(v) if rest[0].type == "token" else string_materials(v))]
+            for m1 in m1s:
+                for m2 in dict.fromkeys(m2s):
+                    out.hashes.append(HashEntry(p.key, p.code, f"cc\x00{m1}\x01{m2}"))
+            return
+        ranges: list[list[tuple[float, float, str | None, str | None, str | None, bool]]] = []
+        for comp in rest:
+            ranges.append([r for v in comp.evaluate(resource, root) for r in component_ranges(comp.type, v)])
+        if not all(ranges):
+            return
+        for m1 in m1s:
+            for low, high, sc, code, unit, canonical in ranges[0]:
+                for second in ranges[1] if len(ranges) > 1 else [None]:
+                    out.composites.append(CompositeEntry(
+                        p.key, p.code, m1, low, high,
+                        second[0] if second else None, second[1] if second else None, sc, code, unit, canonical,
+                    ))
 
     def _text(self, out: IndexEntries, p: SearchParam, text: Any) -> None:
         # :text matches like a string (starts with), without :contains: no trigrams.
@@ -286,12 +320,16 @@ class Extractor:
             out.numbers.append(RangeEntry(p.key, low, high))
 
     def _quantity(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
+        self.quantity_into(out, p.key, p.code, t)
+
+    @staticmethod
+    def quantity_into(out: IndexEntries, key: int, key_name: str, t: Typed) -> None:
         v, typ = t.value, t.type
         if typ == "Range" and isinstance(v, dict):
             # A range is searched as the quantities at its ends.
             for end in (v.get("low"), v.get("high")):
                 if isinstance(end, dict):
-                    self._quantity(out, p, Typed(end, "Quantity"))
+                    Extractor.quantity_into(out, key, key_name, Typed(end, "Quantity"))
             return
         if typ == "SampledData" or not isinstance(v, dict):
             return
@@ -307,7 +345,7 @@ class Extractor:
         else:
             system, code, unit = v.get("system"), v.get("code"), v.get("unit")
         out.quantities.append(QuantityEntry(
-            p.key, p.code, low, high,
+            key, key_name, low, high,
             f"{system or ''}|{code}" if code is not None else None,
             str(code) if code is not None else None,
             str(unit) if unit is not None else None,
@@ -319,7 +357,7 @@ class Extractor:
             except ucum.NotConvertible:
                 return
             lo, hi = scaled_range(d, factor)
-            out.quantities.append(QuantityEntry(p.key, p.code, lo, hi, f"{ucum.UCUM_SYSTEM}|{canon}", canon, None, True))
+            out.quantities.append(QuantityEntry(key, key_name, lo, hi, f"{ucum.UCUM_SYSTEM}|{canon}", canon, None, True))
 
     def _reference(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
         v, typ = t.value, t.type
@@ -341,9 +379,92 @@ class Extractor:
         if not isinstance(ref, str) or ref.startswith("#") or not ref:
             return
         target_type, target_id, ref_version, url = parse_reference(ref)
+        if url is not None and self._local_path and self._local_path in url:
+            local_type, local_id, local_version, _ = parse_reference(url.split(self._local_path, 1)[1])
+            if local_type and local_id:
+                target_type, target_id, ref_version = local_type, local_id, local_version or ref_version
         if target_type is None and url is None:
             return
         out.references.append(ReferenceEntry(p.key, target_type, target_id, ref_version, url))
+
+
+def coding_materials(system: Any, code: Any) -> list[str]:
+    """Hash material of a (system, code) pair: code alone, system|code (|code without a system), system alone."""
+    out = []
+    if code is not None:
+        out.append(f"c\x00{code}")
+        out.append(f"sc\x00{system or ''}\x00{code}")
+    if system:
+        out.append(f"s\x00{system}")
+    return out
+
+
+def token_value_materials(t: Typed) -> list[str]:
+    """The token hash material of one value, by its FHIR type."""
+    v, typ = t.value, t.type
+    if typ == "CodeableConcept" and isinstance(v, dict):
+        return [m for c in v.get("coding") or [] if isinstance(c, dict) for m in coding_materials(c.get("system"), c.get("code"))]
+    if typ in ("Coding", "Quantity", "Age", "Duration", "Count", "Distance", "SimpleQuantity") and isinstance(v, dict):
+        return coding_materials(v.get("system"), v.get("code"))
+    if typ == "Identifier" and isinstance(v, dict):
+        return coding_materials(v.get("system"), v.get("value"))
+    if typ == "ContactPoint" and isinstance(v, dict):
+        return coding_materials(None, v.get("value"))
+    if typ == "Reference" and isinstance(v, dict):
+        ident = v.get("identifier")
+        return coding_materials(ident.get("system"), ident.get("value")) if isinstance(ident, dict) else []
+    if isinstance(v, bool):
+        return coding_materials(None, "true" if v else "false")
+    if isinstance(v, (str, int, Decimal)):
+        return coding_materials(None, str(v))
+    if isinstance(v, dict) and "coding" in v:  # untyped (fhirpathpy) values
+        return token_value_materials(Typed(v, "CodeableConcept"))
+    if isinstance(v, dict) and "code" in v:
+        return coding_materials(v.get("system"), v.get("code"))
+    return []
+
+
+def reference_materials(value: Any) -> list[str]:
+    """Hash material of a reference used as a composite's first component."""
+    if isinstance(value, str):
+        return [f"r\x00{value.split('|', 1)[0]}"]
+    if isinstance(value, dict) and isinstance(value.get("reference"), str) and not value["reference"].startswith("#"):
+        rtype, rid, _, url = parse_reference(value["reference"])
+        if rtype and rid:
+            return [f"r\x00{rtype}/{rid}"]
+        if url:
+            return [f"r\x00{url}"]
+    return []
+
+
+def string_materials(t: Typed) -> list[str]:
+    """Exact and prefix material of a string used as a composite component (prefixes up to PREFIX_CAP)."""
+    if isinstance(t.value, str):
+        values = [t.value]
+    elif isinstance(t.value, dict):
+        values = [x for x in t.value.values() if isinstance(x, str)]
+    else:
+        values = []
+    out = []
+    for text in values:
+        norm = normalize(text)
+        out.append(f"x\x00{text}")
+        out.extend(f"p\x00{norm[:n]}" for n in range(1, min(len(norm), PREFIX_CAP) + 1))
+    return out
+
+
+def component_ranges(ptype: str, t: Typed) -> list[tuple[float, float, str | None, str | None, str | None, bool]]:
+    """(low, high, unit system|code, unit code, unit text, canonical) of a composite's range component."""
+    if ptype == "date":
+        return [(float(lo), float(hi), None, None, None, False) for lo, hi in date_ranges(t.value, t.type)]
+    if ptype == "number":
+        d = to_decimal(t.value)
+        return [(*decimal_range(d), None, None, None, False)] if d is not None else []
+    if ptype == "quantity":
+        entries = IndexEntries()
+        Extractor.quantity_into(entries, 0, "", t)
+        return [(q.low, q.high, q.system_code, q.code, q.unit, q.canonical) for q in entries.quantities]
+    return []
 
 
 def parse_reference(ref: str) -> tuple[str | None, str | None, str | None, str | None]:
@@ -353,16 +474,18 @@ def parse_reference(ref: str) -> tuple[str | None, str | None, str | None, str |
     one gives its URL (and the type it names, for type filters) but no local id: it points at
     another server unless the query names it by the same URL.
     """
-    version = None
+    version: str | None = None
     path = ref.split("?", 1)[0]
     if "/_history/" in path:
         path, _, version = path.partition("/_history/")
+        if not _ID.fullmatch(version):
+            version = None
     parts = path.split("/")
-    rtype = parts[-2] if len(parts) >= 2 and parts[-2][:1].isupper() and parts[-1] else None
+    rtype = parts[-2] if len(parts) >= 2 and _TYPE_NAME.fullmatch(parts[-2]) and _ID.fullmatch(parts[-1]) else None
     if "://" in ref or ref.startswith("urn:"):
-        return rtype, None, version or None, path
+        return rtype, None, version, path
     if rtype is not None and len(parts) == 2:
-        return rtype, parts[-1], version or None, None
+        return rtype, parts[-1], version, None
     return None, None, None, None
 
 

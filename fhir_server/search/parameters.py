@@ -16,12 +16,15 @@ from importlib import resources
 from typing import Any
 
 from fhir_server.capability.registry import Registry, load_registry
-from fhir_server.search.paths import CompiledPath, parts_for_type
+from fhir_server.search.paths import CompiledPath, Typed, parts_for_type, split_union
 
 # Parameters the server does not implement (full-text search and named queries).
 UNSUPPORTED = frozenset({"_content", "_text", "_query"})
 # Types whose values this server can index and query.
-INDEXED_TYPES = frozenset({"number", "date", "string", "token", "reference", "quantity", "uri"})
+INDEXED_TYPES = frozenset({"number", "date", "string", "token", "reference", "quantity", "uri", "composite"})
+# What the components of a composite may be: the first is matched by hash, the others by hash or range.
+COMPOSITE_FIRST = frozenset({"token", "reference"})
+COMPOSITE_REST = frozenset({"token", "string", "quantity", "number", "date"})
 
 
 def param_key(resource_type: str, code: str) -> int:
@@ -34,6 +37,11 @@ def param_key(resource_type: str, code: str) -> int:
 class Component:
     definition: str  # url of the component's own SearchParameter
     expression: str  # relative to the composite's root
+    type: str = ""  # the component parameter's type
+    paths: tuple[CompiledPath, ...] = ()
+
+    def evaluate(self, resource: dict[str, Any], root: Typed) -> list[Typed]:
+        return [v for path in self.paths for v in path.evaluate(resource, [root])]
 
 
 @dataclass(slots=True)
@@ -79,10 +87,30 @@ class SearchParameters:
         expression = d.get("expression")
         parts = parts_for_type(expression, rtype) if expression else []
         special = code if code in ("_id", "_lastUpdated") else None
+        components: tuple[Component, ...] = ()
+        if ptype == "composite":
+            components = tuple(
+                Component(
+                    c["definition"],
+                    c["expression"],
+                    self.by_url.get(c["definition"], {}).get("type", ""),
+                    tuple(CompiledPath(self.registry, rtype, part, relative=True) for part in split_union(c["expression"])),
+                )
+                for c in d.get("component", ())
+            )
         supported = (
             code not in UNSUPPORTED
             and (ptype in INDEXED_TYPES)
             and (bool(parts) or special is not None)
+            and (
+                ptype != "composite"
+                or (
+                    len(components) >= 2
+                    and components[0].type in COMPOSITE_FIRST
+                    and all(c.type in COMPOSITE_REST for c in components[1:])
+                    and (len(components) == 2 or all(c.type == "number" for c in components[1:]))
+                )
+            )
         )
         paths = tuple(CompiledPath(self.registry, rtype, p) for p in parts) if supported and not special else ()
         return SearchParam(
@@ -94,7 +122,7 @@ class SearchParameters:
             paths=paths,
             targets=tuple(d.get("target", ())),
             key=param_key(rtype, code),
-            components=tuple(Component(c["definition"], c["expression"]) for c in d.get("component", ())),
+            components=components,
             supported=supported,
             special=special,
         )
@@ -104,6 +132,10 @@ class SearchParameters:
 
     def get(self, rtype: str, code: str) -> SearchParam | None:
         return self._by_type.get(rtype, {}).get(code)
+
+    def usable(self, param: SearchParam) -> str | None:
+        """None when the parameter can be searched now; otherwise why not (a custom one still indexing)."""
+        return None
 
     def indexed(self, rtype: str) -> list[SearchParam]:
         """The parameters whose values are extracted into index rows on every write of ``rtype``."""

@@ -82,6 +82,10 @@ class CompiledPath:
         self.registry = registry
         self.resource_type = resource_type
         self.relative = relative
+        # A relative expression may still start from the resource (composite components: %resource.x).
+        self.from_resource = relative and text.strip().startswith("%resource.")
+        if self.from_resource:
+            text = text.strip()[len("%resource.") :]
         self._fallback: Callable[[Any], list[Any]] | None = None
         self.steps: list[_Step] | None
         try:
@@ -164,7 +168,10 @@ class CompiledPath:
             except Exception:  # noqa: BLE001 - a failing optional expression indexes nothing
                 return []
             return [Typed(v, infer_type(v)) for v in found if v is not None]
-        current = start if start is not None else [Typed(resource, resource.get("resourceType", ""))]
+        if start is None or self.from_resource:
+            current = [Typed(resource, resource.get("resourceType", ""))]
+        else:
+            current = start
         for step in self.steps:
             current = self._apply(step, current)
             if not current:
@@ -232,6 +239,9 @@ class CompiledPath:
 
     def _is_a(self, type_name: str, wanted: str) -> bool:
         """FHIRPath ``is``: the type itself or one it specialises (an Age is a Quantity)."""
+        system = _SYSTEM_TYPES.get(wanted)
+        if system is not None:
+            return type_name in system
         for _ in range(10):
             if not type_name:
                 return False
@@ -240,6 +250,18 @@ class CompiledPath:
             definition = self.registry.types.get(type_name)
             type_name = definition.base if definition is not None and definition.base else ""
         return False
+
+
+# FHIRPath System types written in search expressions (value.as(DateTime)) and the FHIR types they cover.
+_SYSTEM_TYPES = {
+    "DateTime": ("dateTime", "instant"),
+    "Date": ("date",),
+    "Time": ("time",),
+    "String": ("string", "code", "id", "markdown", "uri", "url", "canonical", "oid", "uuid"),
+    "Boolean": ("boolean",),
+    "Integer": ("integer", "positiveInt", "unsignedInt"),
+    "Decimal": ("decimal",),
+}
 
 
 def _matching_paren(text: str, open_pos: int) -> int:

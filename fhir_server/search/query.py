@@ -35,6 +35,8 @@ MODIFIERS = {
 KNOWN_BUT_UNSUPPORTED = {"in", "not-in", "below", "above", "type", "iterate", "text-advanced", "code-text"}
 MAX_VALUES = 100
 MAX_CRITERIA = 60
+MAX_CHAIN = 4  # links in a chain, and nesting of _has
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,45 @@ class Criterion:
         if self.modifier != "missing":
             return None
         return self.values[0] == "true"
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """``param.inner``: resources whose reference ``param`` points at a ``target_type`` matching ``inner``."""
+
+    param: SearchParam
+    target_type: str
+    inner: Clause
+    raw_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Has:
+    """``_has:source:param:inner``: resources that some ``source`` resource matching ``inner`` references by ``param``."""
+
+    source_type: str
+    param: SearchParam
+    inner: Clause
+    raw_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """At least one of the options (a chain through several possible target types; a compartment)."""
+
+    options: tuple[Clause, ...]
+    raw_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class InList:
+    """``_list=id``: resources that List/id has as an entry item."""
+
+    list_id: str
+    raw_name: str
+
+
+Clause = Criterion | Chain | Has | AnyOf | InList
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +112,7 @@ class Include:
 @dataclass(frozen=True, slots=True)
 class SearchQuery:
     resource_types: tuple[str, ...]
-    criteria: tuple[Criterion, ...]
+    by_type: dict[str, tuple[Clause, ...]]  # the criteria (AND-ed), resolved for each type searched
     sort: tuple[SortKey, ...] = ()
     count: int = 20
     total: str | None = None  # none | estimate | accurate
@@ -81,6 +122,10 @@ class SearchQuery:
     cursor: str | None = None
     ignored: tuple[str, ...] = ()  # parameters ignored under lenient handling
     self_params: tuple[tuple[str, str], ...] = field(default=())  # what the self link shows
+
+    @property
+    def criteria(self) -> tuple[Clause, ...]:
+        return self.by_type[self.resource_types[0]]
 
 
 def split_values(raw: str) -> list[str]:
@@ -114,6 +159,17 @@ def split_unescaped(value: str, sep: str) -> list[str]:
     return [unescape(p) for p in parts]
 
 
+def _looks_like_date(text: str) -> bool:
+    """A value such as ge2020-01 on a string parameter is a date prefix sent to the wrong kind of parameter."""
+    if not re.fullmatch(r"\d{4}(-\d{2}(-\d{2}(T[0-9:.+\-Z]+)?)?)?", text):
+        return False
+    try:
+        period(text)
+    except InvalidDate:
+        return False
+    return True
+
+
 def split_prefix(value: str) -> tuple[str, str]:
     m = _PREFIX.match(value)
     if m:
@@ -127,8 +183,16 @@ class QueryParser:
         self.default_count = default_count
         self.max_count = max_count
 
-    def parse(self, resource_types: tuple[str, ...], pairs: list[tuple[str, str]], *, strict: bool) -> SearchQuery:
-        criteria: list[Criterion] = []
+    def parse(
+        self,
+        resource_types: tuple[str, ...],
+        pairs: list[tuple[str, str]],
+        *,
+        strict: bool,
+        extra: dict[str, tuple[Clause, ...]] | None = None,
+    ) -> SearchQuery:
+        """Parse a search; ``extra`` adds clauses per type (a compartment's membership)."""
+        by_type: dict[str, list[Clause]] = {t: list((extra or {}).get(t, ())) for t in resource_types}
         ignored: list[str] = []
         shown: list[tuple[str, str]] = []
         sort: tuple[SortKey, ...] = ()
@@ -164,18 +228,27 @@ class QueryParser:
                 if base not in ("_format", "_pretty"):
                     shown.append((name, raw))
                 continue
-            problem = self._criterion(resource_types, name, base, modifier, raw, criteria)
+            clauses: dict[str, Clause] = {}
+            problem = None
+            for rtype in resource_types:
+                found = self.clause(rtype, name, raw)
+                if isinstance(found, str):
+                    problem = found if len(resource_types) == 1 else f"{found} (searching {rtype})"
+                    break
+                clauses[rtype] = found
             if problem is None:
+                for rtype, clause in clauses.items():
+                    by_type[rtype].append(clause)
                 shown.append((name, raw))
             elif strict:
                 raise BadRequest(problem, expression=name, code="not-supported")
             else:
                 ignored.append(f"{name}: {problem}")
-        if len(criteria) > MAX_CRITERIA:
+        if any(len(c) > MAX_CRITERIA for c in by_type.values()):
             raise BadRequest(f"At most {MAX_CRITERIA} search criteria are allowed", code="too-costly")
         return SearchQuery(
             resource_types=resource_types,
-            criteria=tuple(criteria),
+            by_type={t: tuple(c) for t, c in by_type.items()},
             sort=sort,
             count=count,
             total=total,
@@ -189,20 +262,37 @@ class QueryParser:
 
     # --- criteria -------------------------------------------------------------------------------
 
-    def _criterion(
-        self, types: tuple[str, ...], name: str, base: str, modifier: str, raw: str, out: list[Criterion]
-    ) -> str | None:
-        """Append the criterion; return why it was not understood (None when it was)."""
-        if "." in base or base.startswith("_has"):
-            return "chained and reverse-chained parameters are not supported yet"
-        definitions = [self.params.get(t, base) for t in types]
-        if any(d is None for d in definitions):
-            where = types[0] if len(types) == 1 else "every type searched"
-            return f"unknown search parameter {base!r} for {where}"
-        param = definitions[0]
-        assert param is not None
-        if not all(d is not None and d.supported for d in definitions):
+    def clause(self, rtype: str, name: str, raw: str, depth: int = 0) -> Clause | str:
+        """The clause ``name=raw`` means on ``rtype``, or why it is not understood (a string).
+
+        Malformed values raise BadRequest at once; an unknown or unsupported parameter is returned
+        as a problem, which lenient handling ignores and strict handling reports.
+        """
+        if _CONTROL.search(raw) or _CONTROL.search(name):
+            raise BadRequest(f"{name[:80]}: search values may not contain control characters", expression=name[:80])
+        if depth > MAX_CHAIN:
+            raise BadRequest(f"{name[:80]}: chains and _has nest at most {MAX_CHAIN} deep", expression=name, code="too-costly")
+        if name.startswith("_has:"):
+            return self._has(rtype, name, raw, depth)
+        if "." in name:
+            return self._chain(rtype, name, raw, depth)
+        base, _, modifier = name.partition(":")
+        if base == "_list":
+            if modifier:
+                raise BadRequest("_list takes no modifier", expression=name)
+            if raw.startswith("$"):
+                return f"functional lists ({raw[:40]}) are not supported"
+            if not re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", raw):
+                raise BadRequest(f"_list must be the id of a List, not {raw[:40]!r}", expression=name)
+            return InList(raw, name)
+        param = self.params.get(rtype, base)
+        if param is None:
+            return f"unknown search parameter {base!r} for {rtype}"
+        if not param.supported:
             return f"the search parameter {base!r} is not supported by this server"
+        usable = self.params.usable(param)
+        if usable is not None:
+            return usable
         ptype = "special" if param.special else param.type
         if modifier:
             if ptype == "reference" and modifier[:1].isupper():
@@ -216,7 +306,7 @@ class QueryParser:
                     f"allowed: {', '.join(sorted(MODIFIERS.get(ptype, set())))}",
                     expression=name,
                 )
-        values = [unescape(v) if ptype != "token" else v for v in split_values(raw)]
+        values = [unescape(v) if ptype not in ("token", "composite") else v for v in split_values(raw)]
         if len(values) > MAX_VALUES:
             raise BadRequest(f"At most {MAX_VALUES} values may be OR-ed in {name}", expression=name, code="too-costly")
         if modifier == "missing":
@@ -225,8 +315,50 @@ class QueryParser:
         else:
             for v in values:
                 self._check_value(param, name, modifier, v)
-        out.append(Criterion(param, modifier or None, tuple(values), name))
-        return None
+        return Criterion(param, modifier or None, tuple(values), name)
+
+    def _chain(self, rtype: str, name: str, raw: str, depth: int) -> Clause | str:
+        head, _, rest = name.partition(".")
+        code, _, type_modifier = head.partition(":")
+        param = self.params.get(rtype, code)
+        if param is None:
+            return f"unknown search parameter {code!r} for {rtype} (in the chain {name[:80]})"
+        if param.type != "reference" or not param.supported:
+            raise BadRequest(f"{name[:80]}: only reference parameters can be chained, and {code!r} is a {param.type}", expression=name)
+        if type_modifier:
+            if not self.params.registry.is_resource_type(type_modifier):
+                raise BadRequest(f"Unknown resource type {type_modifier!r} in {name[:80]}", expression=name)
+            targets: tuple[str, ...] = (type_modifier,)
+        else:
+            targets = param.targets or self.params.registry.resource_types
+        options: list[Clause] = []
+        problem = None
+        for target in targets:
+            inner = self.clause(target, rest, raw, depth + 1)
+            if isinstance(inner, str):
+                problem = problem or inner
+                continue
+            options.append(Chain(param, target, inner, name))
+        if not options:
+            return problem or f"{name[:80]}: no type {code!r} can point at has that parameter"
+        return options[0] if len(options) == 1 else AnyOf(tuple(options), name)
+
+    def _has(self, rtype: str, name: str, raw: str, depth: int) -> Clause | str:
+        parts = name.split(":", 3)
+        if len(parts) < 4:
+            raise BadRequest(f"{name[:80]}: use _has:Type:reference-parameter:parameter=value", expression=name)
+        _, source, ref_code, inner_name = parts
+        if not self.params.registry.is_resource_type(source):
+            raise BadRequest(f"Unknown resource type {source!r} in {name[:80]}", expression=name)
+        param = self.params.get(source, ref_code)
+        if param is None or param.type != "reference" or not param.supported:
+            raise BadRequest(f"{name[:80]}: {ref_code!r} is not a reference parameter of {source}", expression=name)
+        if param.targets and rtype not in param.targets:
+            raise BadRequest(f"{name[:80]}: {source}.{ref_code} cannot point at a {rtype}", expression=name)
+        inner = self.clause(source, inner_name, raw, depth + 1)
+        if isinstance(inner, str):
+            return inner
+        return Has(source, param, inner, name)
 
     def _check_value(self, param: SearchParam, name: str, modifier: str, value: str) -> None:
         if value == "":
@@ -253,14 +385,14 @@ class QueryParser:
                 raise BadRequest(f"{name}: {value[:40]!r} is not a number (with an optional prefix)", expression=name) from None
             if ptype == "number" and "|" in rest:
                 raise BadRequest(f"{name}: a number takes no unit", expression=name)
-        elif ptype == "string" and modifier != "exact" and _PREFIX.match(value) and re.fullmatch(r"[a-z]{2}[-+0-9.:T]+", value):
+        elif ptype == "string" and modifier != "exact" and _PREFIX.match(value) and _looks_like_date(value[2:]):
             raise BadRequest(
                 f"{name}: string parameters take no comparison prefix ({value[:2]!r}); use {name}:exact to search the literal text",
                 expression=name,
             )
 
     def _count(self, raw: str) -> int:
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             raise BadRequest(f"_count must be a whole number from 0 to {self.max_count}", expression="_count")
         return min(int(raw), self.max_count)
 

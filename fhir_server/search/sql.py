@@ -11,7 +11,9 @@ also yields a *confirmation* that the executor checks on the decrypted resource.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from decimal import Decimal
+import re
+from urllib.parse import urlsplit
+from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 from sqlalchemy import ColumnElement, Select, and_, false, not_, or_, select, true
@@ -19,7 +21,7 @@ from sqlalchemy import ColumnElement, Select, and_, false, not_, or_, select, tr
 from fhir_server.clock import now_us
 from fhir_server.errors import BadRequest
 from fhir_server.search import ucum
-from fhir_server.search.dates import period
+from fhir_server.search.dates import InvalidDate, period
 from fhir_server.search.extract import (
     PREFIX_CAP,
     Extractor,
@@ -31,7 +33,7 @@ from fhir_server.search.extract import (
     trigrams,
     uri_prefixes,
 )
-from fhir_server.search.query import Criterion, split_prefix, split_unescaped
+from fhir_server.search.query import AnyOf, Chain, Clause, Criterion, Has, InList, split_prefix, split_unescaped, unescape
 from fhir_server.security.crypto import TenantKeys
 from fhir_server.storage import schema
 from fhir_server.storage.indexing import url_hash
@@ -42,6 +44,7 @@ D = schema.idx_date
 N = schema.idx_number
 Q = schema.idx_quantity
 REF = schema.idx_reference
+C = schema.idx_composite
 
 Confirm = Callable[[dict[str, Any]], bool]
 
@@ -52,20 +55,102 @@ class Compiled:
     confirmations: list[Confirm] = field(default_factory=list)
 
 
+Materialize = Callable[[str, list[Any], list[Confirm]], list[str]]
+
+
 class Compiler:
-    def __init__(self, keys: TenantKeys, extractor: Extractor, base_url: str) -> None:
+    """Compiles clauses for one tenant. ``materialize`` runs a nested criterion that needs confirmation
+    after decryption (a long string prefix inside a chain) and returns the ids that pass."""
+
+    def __init__(self, keys: TenantKeys, extractor: Extractor, base_url: str, materialize: Materialize | None = None) -> None:
         self.keys = keys
         self.tid = keys.tenant_id
         self.extractor = extractor
         self.base_url = base_url.rstrip("/")
+        self.materialize = materialize
+        self._r: Any = R
 
-    def compile(self, criteria: tuple[Criterion, ...], rtype: str) -> Compiled:
+    def compile(self, clauses: tuple[Clause, ...], rtype: str) -> Compiled:
         out = Compiled()
-        for c in criteria:
-            self._criterion(out, c, rtype)
+        for clause in clauses:
+            out.conditions.append(self.condition(clause, rtype, out, top=True))
         return out
 
-    # --- dispatch ----------------------------------------------------------------------------
+    def condition(self, clause: Clause, rtype: str, out: Compiled, *, top: bool) -> Any:
+        """The SQL condition of one clause on the current resource alias.
+
+        At the top level a confirmation joins ``out.confirmations`` (checked on each result);
+        nested (inside a chain, _has or an OR of options) it cannot be checked on the result, so the
+        criterion's candidates are confirmed here and replaced by the list of ids that pass.
+        """
+        if isinstance(clause, Criterion):
+            part = Compiled()
+            self._criterion(part, clause, rtype)
+            cond = and_(*part.conditions)
+            if part.confirmations:
+                if top:
+                    out.confirmations.extend(part.confirmations)
+                else:
+                    if self.materialize is None:
+                        raise BadRequest(f"{clause.raw_name}: this criterion cannot be used here", expression=clause.raw_name)
+                    # Materialize on the base resources table (the store's query), not the nested alias.
+                    outer, self._r = self._r, R
+                    try:
+                        base = Compiled()
+                        self._criterion(base, clause, rtype)
+                    finally:
+                        self._r = outer
+                    ids = self.materialize(rtype, base.conditions, base.confirmations)
+                    cond = self._r.c.res_id.in_(ids)
+            return cond
+        if isinstance(clause, AnyOf):
+            return or_(*(self.condition(o, rtype, out, top=False) for o in clause.options))
+        if isinstance(clause, Chain):
+            targets = self._nested(clause.target_type, clause.inner, out)
+            refs = select(REF.c.res_id).where(
+                REF.c.tenant_id == self.tid,
+                REF.c.res_type == rtype,
+                REF.c.param_key == clause.param.key,
+                REF.c.target_type == clause.target_type,
+                REF.c.target_id.in_(targets),
+            )
+            return self._r.c.res_id.in_(refs)
+        if isinstance(clause, Has):
+            sources = self._nested(clause.source_type, clause.inner, out)
+            refs = select(REF.c.target_id).where(
+                REF.c.tenant_id == self.tid,
+                REF.c.res_type == clause.source_type,
+                REF.c.param_key == clause.param.key,
+                REF.c.target_type == rtype,
+                REF.c.res_id.in_(sources),
+            )
+            return self._r.c.res_id.in_(refs)
+        if isinstance(clause, InList):
+            item = self.extractor.params.get("List", "item")
+            assert item is not None
+            refs = select(REF.c.target_id).where(
+                REF.c.tenant_id == self.tid,
+                REF.c.res_type == "List",
+                REF.c.res_id == clause.list_id,
+                REF.c.param_key == item.key,
+                REF.c.target_type == rtype,
+            )
+            return self._r.c.res_id.in_(refs)
+        raise AssertionError(type(clause))  # pragma: no cover
+
+    def _nested(self, rtype: str, clause: Clause, out: Compiled) -> Select[Any]:
+        """The ids of current, undeleted ``rtype`` resources matching ``clause``."""
+        inner = schema.resources.alias()
+        outer, self._r = self._r, inner
+        try:
+            cond = self.condition(clause, rtype, out, top=False)
+        finally:
+            self._r = outer
+        return select(inner.c.res_id).where(
+            inner.c.tenant_id == self.tid, inner.c.res_type == rtype, inner.c.deleted.is_(False), cond
+        )
+
+    # --- criteria ----------------------------------------------------------------------------
 
     def _criterion(self, out: Compiled, c: Criterion, rtype: str) -> None:
         p = c.param
@@ -74,19 +159,19 @@ class Compiler:
             if c.missing is not None:
                 out.conditions.append(false() if c.missing else true())
             elif c.modifier == "not":
-                out.conditions.append(R.c.res_id.not_in(ids))
+                out.conditions.append(self._r.c.res_id.not_in(ids))
             else:
-                out.conditions.append(R.c.res_id.in_(ids))
+                out.conditions.append(self._r.c.res_id.in_(ids))
             return
         if p.special == "_lastUpdated":
             if c.missing is not None:
                 out.conditions.append(false() if c.missing else true())
                 return
-            out.conditions.append(or_(*(self._range_condition(R.c.last_updated, R.c.last_updated, v, "date") for v in c.values)))
+            out.conditions.append(or_(*(self._range_condition(self._r.c.last_updated, self._r.c.last_updated, v, "date") for v in c.values)))
             return
-        table = {"string": H, "token": H, "uri": H, "date": D, "number": N, "quantity": Q, "reference": REF}[p.type]
+        table = {"string": H, "token": H, "uri": H, "date": D, "number": N, "quantity": Q, "reference": REF, "composite": H}[p.type]
         if c.missing is not None:
-            has = R.c.res_id.in_(self._sub(table, rtype, [table.c.param_key == p.key]))
+            has = self._r.c.res_id.in_(self._sub(table, rtype, [table.c.param_key == p.key]))
             out.conditions.append(not_(has) if c.missing else has)
             return
         getattr(self, f"_{p.type}")(out, c, rtype)
@@ -94,8 +179,8 @@ class Compiler:
     def _sub(self, table: Any, rtype: str, where: list[ColumnElement[bool]]) -> Select[Any]:
         return select(table.c.res_id).where(table.c.tenant_id == self.tid, table.c.res_type == rtype, *where)
 
-    def _hash_in(self, rtype: str, key: int, hashes: list[bytes]) -> ColumnElement[bool]:
-        return R.c.res_id.in_(self._sub(H, rtype, [H.c.param_key == key, H.c.hash.in_(hashes)]))
+    def _hash_in(self, rtype: str, key: int, hashes: list[bytes]) -> Any:
+        return self._r.c.res_id.in_(self._sub(H, rtype, [H.c.param_key == key, H.c.hash.in_(hashes)]))
 
     def _blind(self, rtype: str, key_name: str, material: str) -> bytes:
         return self.keys.blind(rtype, key_name, material)
@@ -148,7 +233,7 @@ class Compiler:
                     alternatives.append(or_(and_(*per_gram), overflow))
                 else:
                     # Too short for trigrams: any value of the parameter is a candidate.
-                    alternatives.append(R.c.res_id.in_(self._sub(H, rtype, [H.c.param_key == key])))
+                    alternatives.append(self._r.c.res_id.in_(self._sub(H, rtype, [H.c.param_key == key])))
                 checks.append(("contains", norm))
                 exact_only = False
             else:
@@ -216,56 +301,94 @@ class Compiler:
 
     def _date(self, out: Compiled, c: Criterion, rtype: str) -> None:
         conds = [self._range_condition(D.c.low, D.c.high, v, "date") for v in c.values]
-        out.conditions.append(R.c.res_id.in_(self._sub(D, rtype, [D.c.param_key == c.param.key, or_(*conds)])))
+        out.conditions.append(self._r.c.res_id.in_(self._sub(D, rtype, [D.c.param_key == c.param.key, or_(*conds)])))
 
     def _number(self, out: Compiled, c: Criterion, rtype: str) -> None:
         conds = [self._range_condition(N.c.low, N.c.high, v, "number") for v in c.values]
-        out.conditions.append(R.c.res_id.in_(self._sub(N, rtype, [N.c.param_key == c.param.key, or_(*conds)])))
+        out.conditions.append(self._r.c.res_id.in_(self._sub(N, rtype, [N.c.param_key == c.param.key, or_(*conds)])))
 
     def _quantity(self, out: Compiled, c: Criterion, rtype: str) -> None:
         p = c.param
-        unit_key = p.code + ":unit"
-        conds = []
-        for v in c.values:
-            prefix, rest = split_prefix(v)
-            parts = split_unescaped(rest, "|")
-            number = parts[0]
-            system = parts[1] if len(parts) > 1 else ""
-            code = parts[2] if len(parts) > 2 else ""
-            if len(parts) > 3:
-                raise BadRequest(f"{c.raw_name} takes [prefix]number[|system|code]", expression=c.raw_name)
-            if not code:
-                # No unit: compare the values as recorded (never their canonical conversions).
-                conds.append(and_(Q.c.canonical.is_(False), self._range_condition(Q.c.low, Q.c.high, prefix + number, "number")))
-                continue
-            if system:
-                original = and_(
-                    Q.c.canonical.is_(False),
-                    Q.c.system_code_hash == self._blind(rtype, unit_key, f"sc\x00{system}|{code}"),
-                    self._range_condition(Q.c.low, Q.c.high, prefix + number, "number"),
-                )
-                alternatives = [original]
-                if system == ucum.UCUM_SYSTEM:
-                    try:
-                        factor, canon = ucum.canonical(code)
-                    except ucum.NotConvertible:
-                        factor, canon = 0.0, ""
-                    if canon:
-                        lo, hi = scaled_range(Decimal(number), factor)
-                        alternatives.append(and_(
-                            Q.c.canonical.is_(True),
-                            Q.c.system_code_hash == self._blind(rtype, unit_key, f"sc\x00{ucum.UCUM_SYSTEM}|{canon}"),
-                            self._bounds_condition(Q.c.low, Q.c.high, prefix, lo, hi, float(Decimal(number)) * factor, "number"),
-                        ))
-                conds.append(or_(*alternatives))
-            else:
-                unit_hash = self._blind(rtype, unit_key, f"c\x00{code}")
-                conds.append(and_(
-                    Q.c.canonical.is_(False),
-                    or_(Q.c.code_hash == unit_hash, Q.c.unit_hash == unit_hash),
-                    self._range_condition(Q.c.low, Q.c.high, prefix + number, "number"),
+        conds = [self._quantity_value(Q, rtype, p.code + ":unit", v, c.raw_name) for v in c.values]
+        out.conditions.append(self._r.c.res_id.in_(self._sub(Q, rtype, [Q.c.param_key == p.key, or_(*conds)])))
+
+    def _quantity_value(self, table: Any, rtype: str, unit_key: str, value: str, raw_name: str) -> Any:
+        """[prefix]number[|system|code] against the quantity columns of ``table`` (idx_quantity, idx_composite)."""
+        prefix, rest = split_prefix(value)
+        parts = split_unescaped(rest, "|")
+        number = parts[0]
+        system = parts[1] if len(parts) > 1 else ""
+        code = parts[2] if len(parts) > 2 else ""
+        if len(parts) > 3:
+            raise BadRequest(f"{raw_name} takes [prefix]number[|system|code]", expression=raw_name)
+        t = table.c
+        if not code:
+            # No unit: compare the values as recorded (never their canonical conversions).
+            return and_(t.canonical.is_(False), self._range_condition(t.low, t.high, prefix + number, "number"))
+        if not system:
+            unit_hash = self._blind(rtype, unit_key, f"c\x00{code}")
+            return and_(
+                t.canonical.is_(False),
+                or_(t.code_hash == unit_hash, t.unit_hash == unit_hash),
+                self._range_condition(t.low, t.high, prefix + number, "number"),
+            )
+        alternatives = [and_(
+            t.canonical.is_(False),
+            t.system_code_hash == self._blind(rtype, unit_key, f"sc\x00{system}|{code}"),
+            self._range_condition(t.low, t.high, prefix + number, "number"),
+        )]
+        if system == ucum.UCUM_SYSTEM:
+            try:
+                factor, canon = ucum.canonical(code)
+            except ucum.NotConvertible:
+                factor, canon = 0.0, ""
+            if canon:
+                lo, hi = scaled_range(Decimal(number), factor)
+                alternatives.append(and_(
+                    t.canonical.is_(True),
+                    t.system_code_hash == self._blind(rtype, unit_key, f"sc\x00{ucum.UCUM_SYSTEM}|{canon}"),
+                    self._bounds_condition(t.low, t.high, prefix, lo, hi, float(Decimal(number)) * factor, "number"),
                 ))
-        out.conditions.append(R.c.res_id.in_(self._sub(Q, rtype, [Q.c.param_key == p.key, or_(*conds)])))
+        return or_(*alternatives)
+
+    def _composite(self, out: Compiled, c: Criterion, rtype: str) -> None:
+        p = c.param
+        comps = p.components
+        alternatives = []
+        for v in c.values:
+            parts = re.split(r"(?<!\\)\$", v)
+            if len(parts) != len(comps):
+                raise BadRequest(
+                    f"{c.raw_name} takes {len(comps)} values joined by $ ({' $ '.join(x.type for x in comps)})",
+                    expression=c.raw_name,
+                )
+            if comps[0].type == "token":
+                m1s = token_materials(parts[0])
+            else:
+                ref = unescape(parts[0])
+                local = ref[len(self.base_url) + 1 :] if ref.startswith(self.base_url + "/") else ref
+                m1s = [f"r\x00{local.split('|', 1)[0]}"]
+            if len(comps) == 2 and comps[1].type in ("token", "string"):
+                if comps[1].type == "token":
+                    m2s = token_materials(parts[1])
+                else:
+                    m2s = [f"p\x00{normalize(unescape(parts[1]))[:PREFIX_CAP]}"]
+                hashes = [self._blind(rtype, p.code, f"cc\x00{m1}\x01{m2}") for m1 in m1s for m2 in m2s]
+                alternatives.append(self._hash_in(rtype, p.key, hashes))
+                continue
+            conds: list[Any] = [C.c.param_key == p.key, C.c.hash.in_([self._blind(rtype, p.code, m) for m in m1s])]
+            for i, comp in enumerate(comps[1:]):
+                part = unescape(parts[i + 1])
+                low, high = (C.c.low, C.c.high) if i == 0 else (C.c.low2, C.c.high2)
+                if comp.type == "quantity":
+                    conds.append(self._quantity_value(C, rtype, p.code + ":unit", part, c.raw_name))
+                else:
+                    try:
+                        conds.append(self._range_condition(low, high, part, "date" if comp.type == "date" else "number"))
+                    except (InvalidDate, InvalidOperation, ValueError):
+                        raise BadRequest(f"{c.raw_name}: {part[:40]!r} is not a {comp.type}", expression=c.raw_name) from None
+            alternatives.append(self._r.c.res_id.in_(self._sub(C, rtype, conds)))
+        out.conditions.append(or_(*alternatives))
 
     def _range_condition(self, low: Any, high: Any, value: str, kind: str) -> Any:
         prefix, rest = split_prefix(value)
@@ -329,12 +452,18 @@ class Compiler:
                 conds.append(self.reference_match(v, p.targets, type_filter))
             except BadRequest as exc:
                 raise BadRequest(f"{c.raw_name}: {exc}", expression=c.raw_name) from None
-        out.conditions.append(R.c.res_id.in_(self._sub(REF, rtype, [REF.c.param_key == p.key, or_(*conds)])))
+        out.conditions.append(self._r.c.res_id.in_(self._sub(REF, rtype, [REF.c.param_key == p.key, or_(*conds)])))
 
     def reference_match(self, value: str, targets: tuple[str, ...], type_filter: str | None) -> ColumnElement[bool]:
         local = value
+        local_path = urlsplit(self.base_url).path.rstrip("/") + "/"
         if value.startswith(self.base_url + "/"):
             local = value[len(self.base_url) + 1 :]
+        elif "://" in value and local_path != "/" and local_path in value:
+            # This server's own resource named by an absolute URL (through another host name).
+            candidate = value.split(local_path, 1)[1]
+            if parse_reference(candidate)[0] is not None:
+                local = candidate
         if "://" in local or local.startswith("urn:"):
             url, _, version = local.partition("|")
             cond = REF.c.url_hash == url_hash(url.split("/_history/")[0])

@@ -114,8 +114,11 @@ def canonical(unit: str) -> tuple[float, str]:
     if not unit or len(unit) > 100:
         raise NotConvertible(unit)
     parser = _Parser(unit)
-    factor, dims = parser.term()
-    if parser.pos != len(parser.tokens):
+    try:
+        factor, dims = parser.term()
+    except (ZeroDivisionError, OverflowError, ValueError):
+        raise NotConvertible(unit) from None
+    if parser.pos != len(parser.tokens) or not (0 < abs(factor) < 1e300):
         raise NotConvertible(unit)
     code = ".".join(f"{d}{e}" for d, e in sorted(dims.items()) if e) or "1"
     return factor, code
@@ -198,7 +201,7 @@ class _Parser:
         if self.peek() in ("+", "-"):
             sign = -1 if self.take() == "-" else 1
         tok = self.peek()
-        if tok is None or not tok.isdigit():
+        if tok is None or not tok.isdigit() or len(tok) > 3:
             raise NotConvertible(self.text)
         self.take()
         return sign * int(tok)

@@ -56,8 +56,20 @@ class LocalKeyProvider:
 
     def __init__(self, keys: list[bytes], *, source: str = "memory", path: Path | None = None) -> None:
         self.source = source
-        self.path = path  # a key file is re-read when it names a key this process has not seen
+        self.path = path  # a key file is re-read when it changes (wrapping) or names an unknown key (unwrapping)
+        self._mtime = path.stat().st_mtime_ns if path is not None and path.exists() else None
         self._set(keys)
+
+    def _refresh(self) -> None:
+        if self.path is None:
+            return
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._mtime:
+            self._set(read_key_file(self.path))
+            self._mtime = mtime
 
     def _set(self, keys: list[bytes]) -> None:
         if not keys:
@@ -77,6 +89,7 @@ class LocalKeyProvider:
         return tuple(self._keys)
 
     def wrap(self, key: bytes, context: bytes) -> tuple[str, bytes]:
+        self._refresh()  # after a master rotation, new keys must be wrapped under the new current key
         nonce = os.urandom(NONCE_BYTES)
         return self._current, nonce + AESGCM(self._keys[self._current]).encrypt(nonce, key, context)
 

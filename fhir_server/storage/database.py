@@ -48,7 +48,8 @@ def make_engine(url: str, settings: Settings, *, pooled: bool = True) -> Engine:
         kwargs.update(pool_size=settings.db_pool_size, max_overflow=settings.db_pool_size)
     else:
         kwargs["poolclass"] = NullPool
-    return create_engine(url, connect_args={"application_name": "fhir-server"}, **kwargs)
+    # hide_parameters: a database error's text must never carry values (PHI) into a log.
+    return create_engine(url, connect_args={"application_name": "fhir-server"}, hide_parameters=True, **kwargs)
 
 
 def _sqlite_engine(url: str, settings: Settings) -> Engine:
@@ -58,6 +59,7 @@ def _sqlite_engine(url: str, settings: Settings) -> Engine:
         Path(database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = create_engine(
         url,
+        hide_parameters=True,
         connect_args={"check_same_thread": False, "timeout": settings.sqlite_busy_timeout_ms / 1000},
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_size,

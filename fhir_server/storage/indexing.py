@@ -15,7 +15,15 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, text
 
-from fhir_server.search.extract import MASK_DATE, MASK_HASH, MASK_NUMBER, MASK_QUANTITY, MASK_REFERENCE, IndexEntries
+from fhir_server.search.extract import (
+    MASK_COMPOSITE,
+    MASK_DATE,
+    MASK_HASH,
+    MASK_NUMBER,
+    MASK_QUANTITY,
+    MASK_REFERENCE,
+    IndexEntries,
+)
 from fhir_server.security.crypto import TenantKeys
 from fhir_server.storage import schema
 
@@ -25,6 +33,7 @@ _BY_MASK = [
     (MASK_NUMBER, schema.idx_number),
     (MASK_QUANTITY, schema.idx_quantity),
     (MASK_REFERENCE, schema.idx_reference),
+    (MASK_COMPOSITE, schema.idx_composite),
 ]
 
 _OWNER = "SELECT :tid, :rt, :rid, "
@@ -53,7 +62,17 @@ _PG_INSERTS = {
         "CAST(:target_id AS text[]), CAST(:target_version AS text[]), CAST(:url AS text[]), CAST(:url_hash AS bytea[])) "
         "AS x(k, tt, ti, tv, u, uh)"
     ),
+    "idx_composite": text(
+        "INSERT INTO idx_composite (tenant_id, res_type, res_id, param_key, hash, low, high, low2, high2, system_code_hash, "
+        "code_hash, unit_hash, canonical) " + _OWNER + "k, h, l, hi, l2, h2, sc, c, un, ca FROM unnest(CAST(:param_key AS bigint[]), "
+        "CAST(:hash AS bytea[]), CAST(:low AS float8[]), CAST(:high AS float8[]), CAST(:low2 AS float8[]), CAST(:high2 AS float8[]), "
+        "CAST(:system_code_hash AS bytea[]), CAST(:code_hash AS bytea[]), CAST(:unit_hash AS bytea[]), CAST(:canonical AS boolean[])) "
+        "AS u(k, h, l, hi, l2, h2, sc, c, un, ca)"
+    ),
 }
+
+
+MAX_URL = 2048
 
 
 def url_hash(url: str) -> bytes:
@@ -103,9 +122,27 @@ def write(conn: Connection, keys: TenantKeys, res_type: str, res_id: str, entrie
             "target_type": [r[1] for r in refs],
             "target_id": [r[2] for r in refs],
             "target_version": [r[3] for r in refs],
-            "url": [r[4] for r in refs],
+            "url": [r[4] if r[4] and len(r[4]) <= MAX_URL else None for r in refs],  # longer: by hash only
             "url_hash": [url_hash(r[4]) if r[4] else None for r in refs],
         }
+
+    if entries.composites:
+        c_cols: dict[str, list[Any]] = {
+            k: [] for k in ("param_key", "hash", "low", "high", "low2", "high2", "system_code_hash", "code_hash", "unit_hash", "canonical")
+        }
+        for c in entries.composites:
+            unit_key = c.key_name + ":unit"
+            c_cols["param_key"].append(c.key)
+            c_cols["hash"].append(keys.blind(res_type, c.key_name, c.material))
+            c_cols["low"].append(c.low)
+            c_cols["high"].append(c.high)
+            c_cols["low2"].append(c.low2)
+            c_cols["high2"].append(c.high2)
+            c_cols["system_code_hash"].append(keys.blind(res_type, unit_key, "sc\x00" + c.system_code) if c.system_code else None)
+            c_cols["code_hash"].append(keys.blind(res_type, unit_key, "c\x00" + c.code) if c.code else None)
+            c_cols["unit_hash"].append(keys.blind(res_type, unit_key, "c\x00" + c.unit) if c.unit else None)
+            c_cols["canonical"].append(c.canonical)
+        columns["idx_composite"] = c_cols
 
     postgres = conn.dialect.name == "postgresql"
     for table_name, cols in columns.items():

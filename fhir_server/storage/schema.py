@@ -170,7 +170,29 @@ idx_reference = Table(
     Index("ix_idx_reference_url", "tenant_id", "param_key", "url_hash"),
 )
 
-INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference")
+# Composite parameters whose later components are ranges (code$value-quantity, code$date, chromosome$start$end):
+# the first component as a blind index, the others as ranges (and the unit's blind indexes).
+idx_composite = Table(
+    "idx_composite",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param_key", BigInteger, nullable=False),
+    Column("hash", LargeBinary(16), nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Column("low2", Float, nullable=True),
+    Column("high2", Float, nullable=True),
+    Column("system_code_hash", LargeBinary(16), nullable=True),
+    Column("code_hash", LargeBinary(16), nullable=True),
+    Column("unit_hash", LargeBinary(16), nullable=True),
+    Column("canonical", Boolean, nullable=False),
+    Index("ix_idx_composite_res", "tenant_id", "res_type", "res_id"),
+    Index("ix_idx_composite_lookup", "tenant_id", "param_key", "hash"),
+)
+
+INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference", "idx_composite")
 
 # Tables whose rows belong to one tenant: partitioned and row-level secured on PostgreSQL.
 TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES)

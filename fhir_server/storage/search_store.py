@@ -118,15 +118,16 @@ class SearchStore:
             out.extend((r.target_type, r.target_id) for r in self.conn.execute(stmt.distinct()))
         return out
 
-    def references_to(self, targets: list[tuple[str, str]], param_keys: list[int]) -> list[tuple[str, str]]:
-        """(type, id) of resources whose given reference parameters point at the targets."""
+    def references_to(self, targets: list[tuple[str, str]], param_keys: list[int] | None) -> list[tuple[str, str]]:
+        """(type, id) of resources whose given reference parameters (any, for None) point at the targets."""
         out: list[tuple[str, str]] = []
         for i in range(0, len(targets), 500):
             stmt = select(REF.c.res_type, REF.c.res_id).where(
                 REF.c.tenant_id == self.tid,
-                REF.c.param_key.in_(param_keys),
                 tuple_(REF.c.target_type, REF.c.target_id).in_(targets[i : i + 500]),
             ).distinct()
+            if param_keys is not None:
+                stmt = stmt.where(REF.c.param_key.in_(param_keys))
             out.extend((r.res_type, r.res_id) for r in self.conn.execute(stmt))
         return out
 

@@ -26,7 +26,7 @@ TENANT_NAME = re.compile(r"[a-z0-9-]{1,63}")
 DATA = "data"
 INDEX = "index"
 # Tenant tables in the order a purge empties them (keys last: they were shredded already).
-PURGE_ORDER = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference", "resource_versions", "resources", "tenant_keys")
+PURGE_ORDER = (*schema.INDEX_TABLES, "resource_versions", "resources", "tenant_keys")
 
 
 class TenantNotFound(Exception):

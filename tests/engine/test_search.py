@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from fhir_server.engine.engine import Engine
-from fhir_server.errors import BadRequest
+from fhir_server.errors import BadRequest, NotFound
 from testsupport.engine_calls import call, resource
 
 
@@ -344,3 +344,102 @@ def test_bad_searches_name_the_parameter(engine: Engine, tenant: str, rtype: str
         search(engine, tenant, rtype, query)
     expressions = [e for i in info.value.issues for e in i.expression]
     assert where in expressions or any(where in i.diagnostics for i in info.value.issues), info.value.issues
+
+
+# --- chains, _has, _list (search across references) -------------------------------------------------
+
+
+def test_chained_parameters(engine: Engine, observations: str) -> None:
+    t = observations
+    assert found(engine, t, "Observation", "subject:Patient.name=smith") == {"o2", "o4", "o5"}
+    assert found(engine, t, "Observation", "subject.name=smith") == {"o2", "o4", "o5"}  # subject may be several types
+    assert found(engine, t, "Observation", "patient.family:exact=Smith") == {"o2", "o4"}
+    assert found(engine, t, "Observation", "patient.general-practitioner.name=house") == {"o2", "o4"}
+    assert found(engine, t, "Observation", "patient.general-practitioner:Practitioner.family=who&code=8480-6") == {"o1"}
+    assert found(engine, t, "Observation", "subject:Patient.identifier=http://hospital/mrn|MRN-1") == {"o1", "o3"}
+    assert found(engine, t, "Observation", "subject:Patient.birthdate=lt1980,1985") == {"o1", "o2", "o3", "o4"}
+    assert found(engine, t, "Observation", "subject:Group.identifier=MRN-1") == set()
+    with pytest.raises(BadRequest):
+        search(engine, t, "Observation", "code.name=x")  # code is not a reference
+
+
+def test_reverse_chaining(engine: Engine, observations: str) -> None:
+    t = observations
+    assert found(engine, t, "Patient", "_has:Observation:patient:code=2339-0") == {"p1", "p2"}
+    assert found(engine, t, "Patient", "_has:Observation:subject:code=1234-5") == {"p3"}
+    assert found(engine, t, "Patient", "_has:Observation:patient:code=2339-0&gender=male") == {"p2"}
+    assert found(engine, t, "Practitioner", "_has:Patient:general-practitioner:_has:Observation:patient:code=8480-6") == {"dr1", "dr2"}
+    assert found(engine, t, "Practitioner", "_has:Patient:general-practitioner:_has:Observation:patient:value-quantity=gt130") == {"dr2"}
+    assert found(engine, t, "Patient", "_has:Observation:patient:code=nope") == set()
+    with pytest.raises(BadRequest):
+        search(engine, t, "Patient", "_has:Observation:code:code=x")
+
+
+def test_list(engine: Engine, observations: str) -> None:
+    t = observations
+    put(engine, t, {"resourceType": "List", "id": "l1", "status": "current", "mode": "working",
+                    "entry": [{"item": {"reference": "Patient/p1"}}, {"item": {"reference": "Patient/p3"}}, {"item": {"reference": "Observation/o2"}}]})
+    assert found(engine, t, "Patient", "_list=l1") == {"p1", "p3"}
+    assert found(engine, t, "Observation", "_list=l1") == {"o2"}
+    assert found(engine, t, "Patient", "_list=l1&gender=female") == {"p1"}
+    assert found(engine, t, "Patient", "_list=nope") == set()
+
+
+def test_compartment_search(engine: Engine, observations: str) -> None:
+    t = observations
+    def comp(path: str, query: str = "") -> set[str]:
+        return set(ids(resource(call(engine, t, "GET", path, params=tuple(parse_qsl(query + "&_count=1000"))))))
+    assert comp("Patient/p1/Observation") == {"o1", "o3"}
+    assert comp("Patient/p1/Observation", "code=8480-6") == {"o1"}
+    assert comp("Patient/p2/Observation", "_sort=-date") == {"o2", "o4"}
+    assert comp("Patient/p1/*") == {"p1", "o1", "o3"}
+    assert comp("Patient/p1/Patient") == {"p1"}
+    assert comp("Practitioner/dr1/Patient") == {"p1"}
+    assert comp("Patient/nobody/Observation") == set()
+    b = resource(call(engine, t, "GET", "Patient/p1/Observation", params=(("_count", "1"),)))
+    assert _link(b, "self").endswith(f"/fhir/{t}/Patient/p1/Observation?_count=1")  # type: ignore[union-attr]
+    assert "/Patient/p1/Observation?" in _link(b, "next")  # type: ignore[operator]
+    with pytest.raises(NotFound):
+        call(engine, t, "GET", "Observation/o1/Patient")
+    with pytest.raises(BadRequest):
+        call(engine, t, "GET", "Patient/p1/CodeSystem")
+
+
+def test_composite_parameters(engine: Engine, tenant: str) -> None:
+    t = tenant
+    put(engine, t, {"resourceType": "Observation", "id": "bp", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]},
+                    "component": [
+                        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                         "valueQuantity": {"value": 150, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}},
+                        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+                         "valueQuantity": {"value": 90, "system": "http://unitsofmeasure.org", "code": "mm[Hg]"}}]})
+    put(engine, t, {"resourceType": "Observation", "id": "glu", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+                    "valueQuantity": {"value": 6.3, "system": "http://unitsofmeasure.org", "code": "mmol/L"}})
+    put(engine, t, {"resourceType": "Observation", "id": "abo", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "883-9"}]},
+                    "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "112144000"}]},
+                    "effectiveDateTime": "2024-03-01"})
+    put(engine, t, {"resourceType": "Observation", "id": "note", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8251-1"}]}, "valueString": "Feeling much better today"})
+    put(engine, t, {"resourceType": "Observation", "id": "when", "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "21112-8"}]}, "valueDateTime": "1980-05-17"})
+    assert found(engine, t, "Observation", "code-value-quantity=http://loinc.org|2339-0$gt5") == {"glu"}
+    assert found(engine, t, "Observation", "code-value-quantity=2339-0$gt6") == set()  # 6 means [5.5, 6.5): 6.3 is inside
+    assert found(engine, t, "Observation", "code-value-quantity=2339-0$lt6") == set()
+    assert found(engine, t, "Observation", "code-value-quantity=2339-0$6.3|http://unitsofmeasure.org|mmol/L") == {"glu"}
+    assert found(engine, t, "Observation", "component-code-value-quantity=http://loinc.org|8480-6$gt140") == {"bp"}
+    # the code and the value must belong to the same component: diastolic is not over 140
+    assert found(engine, t, "Observation", "component-code-value-quantity=http://loinc.org|8462-4$gt140") == set()
+    assert found(engine, t, "Observation", "component-code-value-quantity=8462-4$90,8480-6$200") == {"bp"}
+    assert found(engine, t, "Observation", "combo-code-value-quantity=8480-6$150") == {"bp"}
+    assert found(engine, t, "Observation", "combo-code-value-quantity=2339-0$6.3") == {"glu"}
+    assert found(engine, t, "Observation", "code-value-concept=http://loinc.org|883-9$http://snomed.info/sct|112144000") == {"abo"}
+    assert found(engine, t, "Observation", "code-value-concept=883-9$112144001") == set()
+    assert found(engine, t, "Observation", "code-value-string=8251-1$feeling much") == {"note"}
+    assert found(engine, t, "Observation", "code-value-string=8251-1$better") == set()
+    assert found(engine, t, "Observation", "code-value-date=21112-8$1980") == {"when"}
+    assert found(engine, t, "Observation", "code-value-date=21112-8$gt1990") == set()
+    with pytest.raises(BadRequest):
+        search(engine, t, "Observation", "code-value-quantity=2339-0")

@@ -1,0 +1,74 @@
+"""Compartment search: ``GET [base]/Patient/123/Observation`` and ``GET [base]/Patient/123/*``.
+
+Driven by the official CompartmentDefinitions (compiled into ``capability/data/compartments.json``):
+a resource is in ``Patient/123``'s compartment when one of the parameters the definition lists for
+its type references ``Patient/123``. The compartment's own resource is in it too.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources as package_data
+from typing import TYPE_CHECKING
+
+from fhir_server.engine import search as searching
+from fhir_server.engine.request import FhirRequest, FhirResponse
+from fhir_server.engine.resources import check_id
+from fhir_server.errors import BadRequest, NotFound
+from fhir_server.search.query import AnyOf, Clause, Criterion
+
+if TYPE_CHECKING:
+    from fhir_server.engine.engine import Engine
+
+
+@cache
+def definitions() -> dict[str, dict[str, list[str]]]:
+    """Compartment type -> resource type -> the parameters that put a resource of that type in it."""
+    with package_data.files("fhir_server.capability").joinpath("data/compartments.json").open("rb") as fh:
+        data: dict[str, dict[str, list[str]]] = json.load(fh)["compartments"]
+    return data
+
+
+def membership(engine: Engine, compartment: str, focal_id: str, rtype: str) -> Clause | None:
+    """The clause "in compartment/focal_id" for resources of ``rtype`` (None if the type is never in it)."""
+    codes = definitions().get(compartment, {}).get(rtype, [])
+    options: list[Clause] = []
+    target = f"{compartment}/{focal_id}"
+    for code in codes:
+        param = engine.search_params.get(rtype, code)
+        if param is not None and param.supported and param.type == "reference":
+            options.append(Criterion(param, None, (target,), f"compartment:{code}"))
+    if rtype == compartment:
+        id_param = engine.search_params.get(rtype, "_id")
+        assert id_param is not None
+        options.append(Criterion(id_param, None, (focal_id,), "compartment:_id"))
+    if not options:
+        return None
+    return options[0] if len(options) == 1 else AnyOf(tuple(options), "compartment")
+
+
+def search_compartment(engine: Engine, req: FhirRequest, compartment: str, focal_id: str, target: str) -> FhirResponse:
+    check_id(focal_id)
+    if compartment not in definitions():
+        raise NotFound(
+            f"{compartment} is not a compartment; compartments are {', '.join(sorted(definitions()))}",
+            code="not-supported",
+        )
+    if target == "*":
+        types = tuple(t for t in engine.registry.resource_types if t in definitions()[compartment] or t == compartment)
+    else:
+        if not engine.registry.is_resource_type(target):
+            raise NotFound(f"Unknown resource type {target[:64]!r}", code="not-supported")
+        types = (target,)
+    extra: dict[str, tuple[Clause, ...]] = {}
+    for rtype in types:
+        clause = membership(engine, compartment, focal_id, rtype)
+        if clause is None:
+            raise BadRequest(f"{rtype} resources are never in the {compartment} compartment", code="not-supported")
+        extra[rtype] = (clause,)
+    pairs = [(k, v) for k, v in req.params if k != "_type"]
+    return searching.search(
+        engine, req, types, pairs, system=target == "*", extra=extra, path=f"{compartment}/{focal_id}/{target}"
+    )
+
