@@ -53,6 +53,28 @@ VACCINES = [("140", "Influenza, seasonal, injectable"), ("208", "SARS-COV-2 (COV
 ALLERGIES = [("91936005", "Allergy to penicillin"), ("300913006", "Shellfish allergy"), ("232350006", "House dust mite allergy")]
 
 
+SYSTEMS = ["Northwind Health", "Riverside Care Network"]
+CLINICS = 6
+PRACTITIONERS = 24
+
+
+def shared_bundle() -> dict[str, Any]:
+    """Health systems, their clinics and the practitioners patients are registered with (loaded first)."""
+    resources: list[dict[str, Any]] = []
+    for s, name in enumerate(SYSTEMS):
+        resources.append({"resourceType": "Organization", "id": f"sys-{s}", "name": name, "active": True})
+    for c in range(CLINICS):
+        resources.append({"resourceType": "Organization", "id": f"clinic-{c}", "name": f"Clinic {c}", "active": True,
+                          "partOf": {"reference": f"Organization/sys-{c % len(SYSTEMS)}"}})
+    rnd = random.Random("practitioners")
+    for p in range(PRACTITIONERS):
+        resources.append({"resourceType": "Practitioner", "id": f"prac-{p}", "active": True,
+                          "name": [{"family": rnd.choice(FAMILIES), "given": [rnd.choice(GIVEN_F + GIVEN_M)], "prefix": ["Dr."]}]})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+        for r in resources]}
+
+
 def patients(n: int, seed: int = 20261123) -> Iterator[dict[str, Any]]:
     for i in range(n):
         yield patient_bundle(i, random.Random(f"{seed}-{i}"))
@@ -73,6 +95,8 @@ def patient_bundle(index: int, rnd: random.Random) -> dict[str, Any]:
         "birthDate": birth.isoformat(),
         "telecom": [{"system": "phone", "value": f"555-{rnd.randrange(1000, 9999)}", "use": "home"}],
         "address": [{"line": [f"{rnd.randrange(1, 999)} Main Street"], "city": city, "state": state, "postalCode": postal}],
+        "generalPractitioner": [{"reference": f"Practitioner/prac-{rnd.randrange(PRACTITIONERS)}"}],
+        "managingOrganization": {"reference": f"Organization/clinic-{rnd.randrange(CLINICS)}"},
     })
     start = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=rnd.randrange(0, 365))
     encounters = []

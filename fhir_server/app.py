@@ -16,6 +16,7 @@ from fhir_server.api import health, routes
 from fhir_server.api.rendering import fhir_error, http_error, render_outcome, unexpected_error
 from fhir_server.capability.registry import load_registry
 from fhir_server.engine.engine import Engine
+from fhir_server.engine.reindex import JobRunner
 from fhir_server.errors import FhirError, Issue, operation_outcome
 from fhir_server.security.crypto import cipher_named
 from fhir_server.security.keys import provider_from_settings
@@ -42,6 +43,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     db = Database(settings.effective_database_url, settings)
     storage = Storage(db, provider_from_settings(settings), cipher_named(settings.cipher), settings)
     engine = Engine(load_registry(), storage, settings)
+    if settings.background_jobs:
+        engine.jobs = JobRunner(engine, settings.job_poll_seconds)
+        engine.jobs.kick()  # resume jobs a stopped worker left behind
     app.extensions["fhir_settings"] = settings
     app.extensions["fhir_storage"] = storage
     app.extensions["fhir_engine"] = engine

@@ -167,6 +167,61 @@ def tenants_delete(name: str, crypto_shred: bool, yes: bool) -> None:
     click.echo(f"tenant {name}: {removed} rows removed")
 
 
+@main.command()
+@click.option("--tenant", "tenant_name", required=True)
+@click.option("--type", "types", multiple=True, help="Resource type(s) to reindex (default: every type).")
+def reindex(tenant_name: str, types: tuple[str, ...]) -> None:
+    """Extract the search index of stored resources again (resumable; also makes custom parameters usable)."""
+    import json
+    import time
+
+    from sqlalchemy import select
+
+    from fhir_server.capability.registry import load_registry
+    from fhir_server.engine import reindex as jobs
+    from fhir_server.engine.custom_params import create_job
+    from fhir_server.engine.engine import Engine
+    from fhir_server.storage import schema
+    from fhir_server.storage.tenants import TenantNotFound
+
+    settings = _settings()
+    storage = _storage(settings)
+    engine = Engine(load_registry(), storage, settings)
+    wanted = sorted(set(types)) if types else list(engine.registry.resource_types)
+    for t in wanted:
+        if not engine.registry.is_resource_type(t):
+            raise click.ClickException(f"unknown resource type {t!r}")
+    J = schema.reindex_jobs
+    try:
+        with storage.session(tenant_name, write=True) as repo:
+            existing = repo.conn.execute(
+                select(J.c.id).where(J.c.tenant_id == repo.tenant.id, J.c.status.in_(("pending", "running")),
+                                     J.c.types == json.dumps(wanted)).order_by(J.c.id)
+            ).first()
+            job_id = existing.id if existing is not None else create_job(repo, wanted)
+    except TenantNotFound:
+        raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    owner = jobs.owner_id()
+    with storage.db.transaction(write=False) as conn:
+        job = conn.execute(select(J).where(J.c.id == job_id)).one()
+    click.echo(f"reindex job {job_id}: {job.total} resources of {len(wanted)} type(s)" + (" (resuming)" if existing else ""), err=True)
+    with click.progressbar(length=max(job.total, 1), label="reindexing", show_pos=True, file=sys.stderr) as bar:
+        bar.update(min(job.processed, job.total))
+        while True:
+            if jobs.claim(engine, job_id, owner):
+                status = jobs.run(engine, job_id, owner, progress=bar.update)
+                if status == "done":
+                    break
+            with storage.db.transaction(write=False) as conn:
+                job = conn.execute(select(J).where(J.c.id == job_id)).one()
+            if job.status == "done":
+                break
+            time.sleep(1)  # another worker holds the lease: follow its progress
+    with storage.db.transaction(write=False) as conn:
+        job = conn.execute(select(J).where(J.c.id == job_id)).one()
+    click.echo(f"reindex job {job_id}: {job.status}, {job.processed} resources indexed")
+
+
 @main.group()
 def keys() -> None:
     """Rotate data keys and master keys; re-encrypt."""

@@ -45,6 +45,8 @@ class _SettingsSchema(Schema):
     cipher = mf.String(load_default="aes-256-gcm", validate=validate.OneOf(["aes-256-gcm", "null"]))
     key_cache_seconds = mf.Integer(load_default=300, validate=validate.Range(min=0))
     timeout = mf.Integer(load_default=120, validate=validate.Range(min=1))
+    background_jobs = mf.Boolean(load_default=True)
+    job_poll_seconds = mf.Float(load_default=10.0, validate=validate.Range(min=0.1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class Settings:
     cipher: str = "aes-256-gcm"
     key_cache_seconds: int = 300
     timeout: int = 120
+    background_jobs: bool = True
+    job_poll_seconds: float = 10.0
 
     @property
     def production(self) -> bool:

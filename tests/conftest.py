@@ -40,6 +40,7 @@ def make_settings(urls: DatabaseUrls, data_dir: Path, **overrides: Any) -> Setti
         data_dir=str(data_dir),
         access_log=False,
         db_pool_size=4,
+        background_jobs=False,
         **overrides,
     )
 

@@ -13,8 +13,9 @@ from typing import Any
 from fhir_server.capability.registry import Registry
 from fhir_server.capability.statement import Features, capability_statement
 from fhir_server.clock import now_us
-from fhir_server.engine import compartments, history, resources, search
-from fhir_server.engine.features import search_features
+from fhir_server.engine import compartments, custom_params, history, resources, search
+from fhir_server.engine.reindex import JobRunner
+from fhir_server.engine.features import custom_features, search_features
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.errors import (
     BadRequest,
@@ -49,6 +50,8 @@ class Engine:
             self.search_params, default_count=settings.default_page_size, max_count=settings.max_page_size
         )
         self.features = features or search_features(self.search_params)
+        self.contexts = custom_params.Contexts(self)
+        self.jobs: JobRunner | None = None  # set by the app when background jobs run in this process
         self.started_at = now_us()
         self._statements: dict[str, RawJson] = {}
         self._lock = threading.Lock()
@@ -161,15 +164,17 @@ class Engine:
             raise MethodNotAllowed(f"{method} is not allowed here; use {' or '.join(allowed)}")
 
     def capabilities(self, req: FhirRequest) -> FhirResponse:
-        with self.storage.session(req.tenant, write=False):
-            pass  # an unknown tenant is a 404 here too
-        statement = self._statements.get(req.base_url)
+        with self.storage.session(req.tenant, write=False) as repo:  # an unknown tenant is a 404 here too
+            ctx = self.contexts.for_repo(repo)
+            key = f"{req.base_url} {repo.tenant.id if ctx is not self.contexts.base else ''} {repo.tenant.search_epoch}"
+        statement = self._statements.get(key)
         if statement is None:
-            body: dict[str, Any] = capability_statement(self.registry, req.base_url, self.started_at, self.features)
+            features = self.features if ctx is self.contexts.base else custom_features(self.features, ctx.params)
+            body: dict[str, Any] = capability_statement(self.registry, req.base_url, self.started_at, features)
             statement = RawJson(dumps(body))
             with self._lock:
-                if len(self._statements) > 64:  # base URLs come from Host headers: keep the cache bounded
+                if len(self._statements) > 256:  # base URLs come from Host headers: keep the cache bounded
                     self._statements.clear()
-                self._statements[req.base_url] = statement
+                self._statements[key] = statement
         return FhirResponse(200, statement)
 

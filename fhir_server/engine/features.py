@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fhir_server.capability.statement import Features
-from fhir_server.search.parameters import SearchParameters
+from dataclasses import replace
+
+from fhir_server.search.parameters import ParameterSource, SearchParameters
 
 SEARCH_TYPE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
 SYSTEM_INTERACTIONS = ("history-system", "search-system")
@@ -41,3 +43,18 @@ def search_features(params: SearchParameters) -> Features:
         search_includes=includes,
         search_revincludes={k: sorted(set(v)) for k, v in revincludes.items()},
     )
+
+
+def custom_features(base: Features, params: ParameterSource) -> Features:
+    """The official features plus a tenant's custom search parameters (with whether they are usable yet)."""
+    search_params = {t: list(v) for t, v in base.search_params.items()}
+    for rtype in params.registry.resource_types:
+        official = {e["name"] for e in search_params.get(rtype, [])}
+        for code, p in sorted(params.for_type(rtype).items()):
+            if code in official or not p.supported:
+                continue
+            problem = params.usable(p)
+            entry = {"name": code, "definition": p.url, "type": p.type,
+                     "documentation": "Custom search parameter" + (" (indexing: not yet usable)" if problem else "")}
+            search_params.setdefault(rtype, []).append(entry)
+    return replace(base, search_params=search_params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,9 @@ from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, FhirReque
 from fhir_server.engine.subsetting import subset
 from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outcome
 from fhir_server.fhirjson import RawJson
-from fhir_server.storage.repository import VersionRecord
+from fhir_server.engine import custom_params
+from fhir_server.search.extract import IndexEntries
+from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -155,11 +158,7 @@ def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     if req.if_none_exist is not None:
         raise BadRequest("Conditional create (If-None-Exist) is not supported by this server yet", code="not-supported")
     rid = str(uuid.uuid4())  # the client's id, if any, is ignored (FHIR R4 create)
-    index = engine.extractor.extract(body, local_path=f"/fhir/{req.tenant}/")
-    with engine.storage.session(req.tenant, write=True) as repo:
-        result = repo.write(
-            rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="POST", index=index, create_only=True
-        )
+    result = store(engine, req.tenant, rtype, rid, body, method="POST", create_only=True)
     rec = result.record
     headers = version_headers(engine, req, rec)
     headers["Location"] = headers.pop("Content-Location")
@@ -177,11 +176,7 @@ def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
             f"The resource id {str(body_id)[:64]!r} does not match the id in the URL {rid!r}", expression=f"{rtype}.id"
         )
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
-    index = engine.extractor.extract(body, local_path=f"/fhir/{req.tenant}/")
-    with engine.storage.session(req.tenant, write=True) as repo:
-        result = repo.write(
-            rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method="PUT", index=index, if_match=if_match
-        )
+    result = store(engine, req.tenant, rtype, rid, body, method="PUT", if_match=if_match)
     rec = result.record
     headers = version_headers(engine, req, rec)
     if result.created:
@@ -193,10 +188,64 @@ def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
 def delete(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
     check_id(rid)
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
-    with engine.storage.session(req.tenant, write=True) as repo:
-        rec = repo.delete(rtype, rid, if_match=if_match)
+    job = None
+    with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
+        rec, job = remove(engine, repo, rtype, rid, if_match=if_match)
+    if job is not None and engine.jobs is not None:
+        engine.jobs.kick()
     headers = {} if rec is None else {"ETag": f'W/"{rec.version}"'}
     if req.prefer_return == RETURN_OUTCOME:
         message = f"Deleted {rtype}/{rid}" if rec else f"{rtype}/{rid} did not exist or was already deleted"
         return FhirResponse(200, operation_outcome([Issue(message, "informational", "information")]), headers)
     return FhirResponse(204, None, headers)
+
+
+# --- the write path every door shares (REST, Bundle entries, reindex-aware) -------------------------
+
+
+def store(engine: Engine, tenant: str, rtype: str, rid: str, body: dict[str, Any], *, method: str,
+          if_match: int | None = None, create_only: bool = False) -> WriteResult:
+    """Validate-free core of create and update: index, write, and react to SearchParameter writes."""
+    definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
+    # Extract before the transaction with the tenant's last-seen parameters; redone inside if they moved on.
+    _, guessed = engine.contexts.guess(tenant)
+    early = (guessed, guessed.extractor.extract(body, local_path=f"/fhir/{tenant}/"))
+    with engine.storage.session(tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
+        result, job = write_in(engine, repo, rtype, rid, body, method=method, if_match=if_match,
+                               create_only=create_only, definition=definition, early=early)
+    if job is not None and engine.jobs is not None:
+        engine.jobs.kick()
+    return result
+
+
+def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, body: dict[str, Any], *, method: str,
+             if_match: int | None = None, create_only: bool = False, definition: Any = None,
+             early: tuple[Any, IndexEntries] | None = None) -> tuple[WriteResult, int | None]:
+    """Write one resource inside an open unit of work. Returns the result and a reindex job, if one was made."""
+    ctx = engine.contexts.for_repo(repo)
+    if early is not None and early[0] is ctx:
+        index = early[1]
+    else:
+        index = ctx.extractor.extract(body, local_path=f"/fhir/{repo.tenant.name}/")
+    old = None
+    if rtype == "SearchParameter" and not create_only:
+        previous = repo.read(rtype, rid)
+        if previous is not None and previous.body is not None:
+            old = json.loads(previous.body)
+    result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method=method, index=index,
+                        if_match=if_match, create_only=create_only)
+    job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None
+    return result, job
+
+
+def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, if_match: int | None = None
+           ) -> tuple[VersionRecord | None, int | None]:
+    """Delete one resource inside an open unit of work (and forget a SearchParameter's parameter)."""
+    old = None
+    if rtype == "SearchParameter":
+        previous = repo.read(rtype, rid)
+        if previous is not None and previous.body is not None:
+            old = json.loads(previous.body)
+    rec = repo.delete(rtype, rid, if_match=if_match)
+    job = custom_params.after_write(engine, repo, rid, old, None) if rtype == "SearchParameter" and rec is not None else None
+    return rec, job

@@ -23,6 +23,7 @@ from fhir_server.engine.subsetting import subset
 from fhir_server.errors import BadRequest, Issue, operation_outcome
 from fhir_server.fhirjson import RawJson
 from fhir_server.search.extract import normalize
+from fhir_server.search.parameters import ParameterSource
 from fhir_server.search.query import Clause, Include, SearchQuery, SortKey
 from fhir_server.search.sql import Compiler
 from fhir_server.storage import schema
@@ -85,15 +86,17 @@ def search(
 ) -> FhirResponse:
     """Search ``types`` with the query ``pairs``; ``extra`` adds clauses per type (compartments), and
     ``path`` is the URL path the links repeat (default: the type, or the base for system search)."""
-    query = engine.query_parser.parse(types, pairs, strict=req.prefer_handling == "strict", extra=extra)
-    memory_sort = any(k.param.type in ("string", "token", "uri") and not k.param.special for k in query.sort)
-    sort_columns = [] if memory_sort else [_sort_column(engine, k, types) for k in query.sort]
-    kinds = ["str?"] * len(query.sort) if memory_sort else [c.kind for c in sort_columns]
-    cursor = SearchCursor.decode(query.cursor, [*kinds, "str", "str"]) if query.cursor else None
     with engine.storage.session(req.tenant, write=False) as repo:
+        ctx = engine.contexts.for_repo(repo)  # the tenant's parameters, custom ones included
+        query = ctx.parser.parse(types, pairs, strict=req.prefer_handling == "strict", extra=extra)
+        memory_sort = any(k.param.type in ("string", "token", "uri") and not k.param.special for k in query.sort)
+        sort_columns = [] if memory_sort else [_sort_column(ctx.params, k, types) for k in query.sort]
+        kinds = ["str?"] * len(query.sort) if memory_sort else [c.kind for c in sort_columns]
+        cursor = SearchCursor.decode(query.cursor, [*kinds, "str", "str"]) if query.cursor else None
         store = SearchStore(repo)
-        compiler = Compiler(repo.sealer.keys, engine.extractor, req.base_url,
-                            materialize=lambda t, c, k: _materialize(engine, store, t, c, k))
+        compiler = Compiler(repo.sealer.keys, ctx.extractor, req.base_url,
+                            materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
+                            fetch_ids=store.ids_if_few)
         where, confirmations = _where(store, compiler, query, types)
         total: int | None = cursor.total if cursor else None
         if query.summary == "count":
@@ -110,7 +113,7 @@ def search(
                 # The first page counts (exact unless some criterion needs confirmation after decryption,
                 # when only an explicit _total=estimate gets this upper bound); later pages carry it.
                 total = store.count(where)
-        included = _includes(engine, store, query, matches) if query.includes and matches else []
+        included = _includes(ctx.params, store, query, matches) if query.includes and matches else []
     if query.total == "none":
         total = None
     base = f"{req.base_url}/{path}" if path else (req.base_url if system else f"{req.base_url}/{types[0]}")
@@ -146,13 +149,13 @@ def _materialize(engine: Engine, store: SearchStore, rtype: str, conditions: lis
     return [r.res_id for r in rows if _accept(r, confirmations)]
 
 
-def _sort_column(engine: Engine, key: SortKey, types: tuple[str, ...]) -> SortColumn:
+def _sort_column(params: ParameterSource, key: SortKey, types: tuple[str, ...]) -> SortColumn:
     p = key.param
     if p.special == "_id":
         return SortColumn(R.c.res_id, key.descending, "str")
     if p.special == "_lastUpdated":
         return SortColumn(R.c.last_updated, key.descending, "int")
-    keys = [q.key for t in types if (q := engine.search_params.get(t, p.code)) is not None]
+    keys = [q.key for t in types if (q := params.get(t, p.code)) is not None]
     table = {"date": schema.idx_date, "number": schema.idx_number, "quantity": schema.idx_quantity, "reference": schema.idx_reference}[p.type]
     owner = [table.c.tenant_id == R.c.tenant_id, table.c.res_type == R.c.res_type, table.c.res_id == R.c.res_id, table.c.param_key.in_(keys)]
     if p.type == "reference":
@@ -300,7 +303,7 @@ def _total(store: SearchStore, where: list[Any], confirmations: list[Any], engin
     return sum(1 for r in rows if _accept(r, confirmations))
 
 
-def _includes(engine: Engine, store: SearchStore, query: SearchQuery, matches: list[Row]) -> list[Row]:
+def _includes(params: ParameterSource, store: SearchStore, query: SearchQuery, matches: list[Row]) -> list[Row]:
     seen = {(r.res_type, r.res_id) for r in matches}
     included: list[Row] = []
     frontier = list(matches)
@@ -309,7 +312,7 @@ def _includes(engine: Engine, store: SearchStore, query: SearchQuery, matches: l
         for inc in query.includes:
             if round_ > 0 and not inc.iterate:
                 continue
-            new_keys.extend(_include_keys(engine, store, inc, frontier))
+            new_keys.extend(_include_keys(params, store, inc, frontier))
         fresh = []
         for k in new_keys:
             if k not in seen:
@@ -326,7 +329,7 @@ def _includes(engine: Engine, store: SearchStore, query: SearchQuery, matches: l
     return included
 
 
-def _include_keys(engine: Engine, store: SearchStore, inc: Include, frontier: list[Row]) -> list[tuple[str, str]]:
+def _include_keys(params: ParameterSource, store: SearchStore, inc: Include, frontier: list[Row]) -> list[tuple[str, str]]:
     if inc.reverse:
         targets = [(r.res_type, r.res_id) for r in frontier]
         if inc.target_type:
@@ -336,7 +339,7 @@ def _include_keys(engine: Engine, store: SearchStore, inc: Include, frontier: li
         return store.references_to(targets, keys) if targets else []
     sources = [(r.res_type, r.res_id) for r in frontier if r.res_type == inc.source_type]
     if inc.param is None:
-        keys = [p.key for p in engine.search_params.for_type(inc.source_type).values() if p.type == "reference" and p.supported]
+        keys = [p.key for p in params.for_type(inc.source_type).values() if p.type == "reference" and p.supported]
     else:
         keys = [inc.param.key]
     return store.references_from(sources, keys, inc.target_type) if sources and keys else []

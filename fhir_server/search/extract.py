@@ -22,7 +22,7 @@ from typing import Any
 
 from fhir_server.search import ucum
 from fhir_server.search.dates import InvalidDate, period
-from fhir_server.search.parameters import SearchParam, SearchParameters
+from fhir_server.search.parameters import ParameterSource, SearchParam
 from fhir_server.search.paths import Typed
 
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -181,7 +181,7 @@ def to_decimal(value: Any) -> Decimal | None:
 
 
 class Extractor:
-    def __init__(self, params: SearchParameters) -> None:
+    def __init__(self, params: ParameterSource) -> None:
         self.params = params
         self._resource: dict[str, Any] = {}
         self._local_path: str | None = None

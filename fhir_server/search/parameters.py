@@ -13,10 +13,10 @@ import json
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from fhir_server.capability.registry import Registry, load_registry
-from fhir_server.search.paths import CompiledPath, Typed, parts_for_type, split_union
+from fhir_server.search.paths import CompiledPath, PathError, Typed, parts_for_type, split_union
 
 # Parameters the server does not implement (full-text search and named queries).
 UNSUPPORTED = frozenset({"_content", "_text", "_query"})
@@ -67,6 +67,21 @@ class SearchParam:
         return key
 
 
+class ParameterSource(Protocol):
+    """What the extractor, the parser and the compiler need: the official parameters, or a tenant's view."""
+
+    registry: Registry
+    by_url: dict[str, dict[str, Any]]
+
+    def get(self, rtype: str, code: str) -> SearchParam | None: ...
+
+    def for_type(self, rtype: str) -> dict[str, SearchParam]: ...
+
+    def indexed(self, rtype: str) -> list[SearchParam]: ...
+
+    def usable(self, param: SearchParam) -> str | None: ...
+
+
 class SearchParameters:
     """Read-only after construction: (type, code) -> SearchParam, and url -> definition."""
 
@@ -112,7 +127,12 @@ class SearchParameters:
                 )
             )
         )
-        paths = tuple(CompiledPath(self.registry, rtype, p) for p in parts) if supported and not special else ()
+        paths: tuple[CompiledPath, ...] = ()
+        if supported and not special:
+            try:
+                paths = tuple(CompiledPath(self.registry, rtype, p) for p in parts)
+            except PathError:
+                supported = False
         return SearchParam(
             code=code,
             type=ptype,
@@ -126,6 +146,10 @@ class SearchParameters:
             supported=supported,
             special=special,
         )
+
+    def make_custom(self, rtype: str, definition: dict[str, Any]) -> SearchParam:
+        """A parameter for a custom definition (search/custom.py), compiled like the official ones."""
+        return self._make(rtype, definition)
 
     def for_type(self, rtype: str) -> dict[str, SearchParam]:
         return self._by_type.get(rtype, {})

@@ -92,7 +92,7 @@ class CompiledPath:
             self.steps = self._compile(text)
         except PathError:
             self.steps = None
-            self._fallback = _fhirpathpy(text)
+            self._fallback = _fhirpathpy(text, resource_type)
 
     @property
     def fast(self) -> bool:
@@ -350,12 +350,14 @@ def infer_type(value: Any) -> str:
     return ""
 
 
-def _fhirpathpy(text: str) -> Callable[[Any], list[Any]]:
+def _fhirpathpy(text: str, resource_type: str) -> Callable[[Any], list[Any]]:
     from fhirpathpy import compile as fhirpath_compile
     from fhirpathpy.models import models
 
     try:
         fn = fhirpath_compile(text, model=models["r4"])
+        # fhirpathpy reports some syntax errors only when the expression first runs: run it once.
+        fn({"resourceType": resource_type}, None)
     except Exception as exc:  # noqa: BLE001 - fhirpathpy raises plain exceptions for syntax errors
         raise PathError(f"cannot compile FHIRPath {text!r}: {exc}") from None
     return fn  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from decimal import Decimal, InvalidOperation
 
 from fhir_server.errors import BadRequest
 from fhir_server.search.dates import InvalidDate, period
-from fhir_server.search.parameters import SearchParam, SearchParameters
+from fhir_server.search.parameters import ParameterSource, SearchParam
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _PREFIX = re.compile(r"^(eq|ne|gt|lt|ge|le|sa|eb|ap)(?=[-+0-9.])")
@@ -178,7 +178,7 @@ def split_prefix(value: str) -> tuple[str, str]:
 
 
 class QueryParser:
-    def __init__(self, params: SearchParameters, *, default_count: int, max_count: int) -> None:
+    def __init__(self, params: ParameterSource, *, default_count: int, max_count: int) -> None:
         self.params = params
         self.default_count = default_count
         self.max_count = max_count

@@ -16,7 +16,9 @@ from urllib.parse import urlsplit
 from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
-from sqlalchemy import ColumnElement, Select, and_, false, not_, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, false, intersect, not_, or_, select, true, union
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, Grouping
 
 from fhir_server.clock import now_us
 from fhir_server.errors import BadRequest
@@ -56,18 +58,22 @@ class Compiled:
 
 
 Materialize = Callable[[str, list[Any], list[Confirm]], list[str]]
+FetchIds = Callable[[Any, int], "list[str] | None"]
+CHAIN_LITERAL_LIMIT = 500  # a chain's intermediate set up to this size is resolved first and inlined
 
 
 class Compiler:
     """Compiles clauses for one tenant. ``materialize`` runs a nested criterion that needs confirmation
     after decryption (a long string prefix inside a chain) and returns the ids that pass."""
 
-    def __init__(self, keys: TenantKeys, extractor: Extractor, base_url: str, materialize: Materialize | None = None) -> None:
+    def __init__(self, keys: TenantKeys, extractor: Extractor, base_url: str, materialize: Materialize | None = None,
+                 fetch_ids: FetchIds | None = None) -> None:
         self.keys = keys
         self.tid = keys.tenant_id
         self.extractor = extractor
         self.base_url = base_url.rstrip("/")
         self.materialize = materialize
+        self.fetch_ids = fetch_ids
         self._r: Any = R
 
     def compile(self, clauses: tuple[Clause, ...], rtype: str) -> Compiled:
@@ -106,7 +112,7 @@ class Compiler:
         if isinstance(clause, AnyOf):
             return or_(*(self.condition(o, rtype, out, top=False) for o in clause.options))
         if isinstance(clause, Chain):
-            targets = self._nested(clause.target_type, clause.inner, out)
+            targets = self._resolved(self._nested(clause.target_type, clause.inner, out))
             refs = select(REF.c.res_id).where(
                 REF.c.tenant_id == self.tid,
                 REF.c.res_type == rtype,
@@ -116,7 +122,7 @@ class Compiler:
             )
             return self._r.c.res_id.in_(refs)
         if isinstance(clause, Has):
-            sources = self._nested(clause.source_type, clause.inner, out)
+            sources = self._resolved(self._nested(clause.source_type, clause.inner, out))
             refs = select(REF.c.target_id).where(
                 REF.c.tenant_id == self.tid,
                 REF.c.res_type == clause.source_type,
@@ -138,14 +144,33 @@ class Compiler:
             return self._r.c.res_id.in_(refs)
         raise AssertionError(type(clause))  # pragma: no cover
 
-    def _nested(self, rtype: str, clause: Clause, out: Compiled) -> Select[Any]:
-        """The ids of current, undeleted ``rtype`` resources matching ``clause``."""
+    def _resolved(self, ids: Any) -> Any:
+        """A small intermediate set of a chain, fetched now and inlined as literal ids.
+
+        The planner cannot estimate a blind-indexed, nested set; with the ids in hand it can, and
+        the outer query then starts from the right end. Larger sets stay subqueries.
+        """
+        if self.fetch_ids is None:
+            return ids
+        found = self.fetch_ids(ids, CHAIN_LITERAL_LIMIT)
+        return ids if found is None else found
+
+    def _nested(self, rtype: str, clause: Clause, out: Compiled) -> Any:
+        """The ids of current, undeleted ``rtype`` resources matching ``clause``.
+
+        Index rows exist only for current, undeleted resources, so a clause that is a set of ids from
+        the index tables needs no `resources` row at all; others (_id, :missing=true, :not) are
+        evaluated against an alias of it.
+        """
         inner = schema.resources.alias()
         outer, self._r = self._r, inner
         try:
             cond = self.condition(clause, rtype, out, top=False)
         finally:
             self._r = outer
+        ids = _id_set(cond, inner.c.res_id)
+        if ids is not None:
+            return ids
         return select(inner.c.res_id).where(
             inner.c.tenant_id == self.tid, inner.c.res_type == rtype, inner.c.deleted.is_(False), cond
         )
@@ -485,6 +510,27 @@ class Compiler:
         if ref_version:
             cond = and_(cond, REF.c.target_version == ref_version)
         return cond
+
+
+def _id_set(cond: Any, res_id: Any) -> Any:
+    """``cond`` as a set of ids when it is ``res_id IN (select)``, or an OR/AND of such; None otherwise."""
+    if isinstance(cond, BinaryExpression) and cond.operator is operators.in_op and cond.left is res_id:
+        right: Any = cond.right
+        while isinstance(right, Grouping):
+            right = right.element
+        if isinstance(right, Select):
+            return right
+        inner = getattr(right, "element", None)
+        return inner if isinstance(inner, Select) else None
+    if isinstance(cond, BooleanClauseList) and cond.operator in (operators.or_, operators.and_) and len(cond.clauses) > 0:
+        parts = [_id_set(c, res_id) for c in cond.clauses]
+        if any(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        combined = union(*parts) if cond.operator is operators.or_ else intersect(*parts)
+        return select(combined.subquery().c[0])
+    return None
 
 
 def token_materials(value: str) -> list[str]:

@@ -124,6 +124,29 @@ class ResourceRepository:
         row = self.conn.execute(_READ, {"tid": self._tid, "rt": res_type, "rid": res_id}).first()
         return None if row is None else self._record(res_type, res_id, row)
 
+    def current_of_type(self, res_type: str, *, after: str | None, limit: int) -> list[tuple[VersionRecord, int]]:
+        """Current, undeleted resources of a type in id order after ``after``, with their index masks."""
+        stmt = (
+            select(R.c.res_id, R.c.index_mask, V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_version, V.c.body)
+            .select_from(R.join(V, and_(
+                V.c.tenant_id == R.c.tenant_id, V.c.res_type == R.c.res_type, V.c.res_id == R.c.res_id, V.c.version == R.c.version
+            )))
+            .where(R.c.tenant_id == self._tid, R.c.res_type == res_type, R.c.deleted.is_(False))
+            .order_by(R.c.res_id)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(R.c.res_id > after)
+        return [(self._record(res_type, r.res_id, r), r.index_mask) for r in self.conn.execute(stmt)]
+
+    def reindex(self, res_type: str, res_id: str, index: IndexEntries, old_mask: int) -> None:
+        """Replace a resource's index rows (its version and body are unchanged)."""
+        indexing.write(self.conn, self.sealer.keys, res_type, res_id, index, old_mask=old_mask)
+        self.conn.execute(
+            update(R).where(R.c.tenant_id == self._tid, R.c.res_type == res_type, R.c.res_id == res_id)
+            .values(index_mask=index.mask())
+        )
+
     def vread(self, res_type: str, res_id: str, version: int) -> VersionRecord | None:
         row = self.conn.execute(_VREAD, {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version}).first()
         return None if row is None else self._record(res_type, res_id, row)

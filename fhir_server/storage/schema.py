@@ -22,6 +22,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     SmallInteger,
     String,
+    Text,
     Table,
 )
 
@@ -35,6 +36,8 @@ tenants = Table(
     Column("status", String(16), nullable=False),  # active | deleting
     Column("created_at", BigInteger, nullable=False),
     Column("data_key_version", Integer, nullable=False),  # the data-key version used for new writes
+    # Bumped whenever a SearchParameter of the tenant is written: the tenant's custom parameters changed.
+    Column("search_epoch", Integer, nullable=False, server_default="0"),
 )
 
 # Keys of a tenant, each wrapped (encrypted) by a master key. purpose: "data" keys seal
@@ -192,7 +195,42 @@ idx_composite = Table(
     Index("ix_idx_composite_lookup", "tenant_id", "param_key", "hash"),
 )
 
+# Custom search parameters: indexing until their reindex job finishes, then ready.
+search_param_state = Table(
+    "search_param_state",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("state", String(16), nullable=False),  # indexing | ready
+    Column("job_id", Integer, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "res_type", "code", name="pk_search_param_state"),
+)
+
+# Reindex jobs (no PHI: types, an id cursor and counts), claimed by a worker with a lease so that a
+# killed run is resumed by another worker or by `fhir-server reindex`.
+reindex_jobs = Table(
+    "reindex_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", Integer, nullable=False),
+    Column("types", Text, nullable=False),  # JSON list of resource types
+    Column("status", String(16), nullable=False),  # pending | running | done | failed
+    Column("cursor_type", String(64), nullable=True),
+    Column("cursor_id", String(64), nullable=True),
+    Column("processed", BigInteger, nullable=False),
+    Column("total", BigInteger, nullable=False),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Column("error", Text, nullable=True),
+    Index("ix_reindex_jobs_status", "status", "lease_until"),
+)
+
 INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference", "idx_composite")
 
 # Tables whose rows belong to one tenant: partitioned and row-level secured on PostgreSQL.
-TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES)
+TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES, "search_param_state")

@@ -64,23 +64,37 @@ class SearchStore:
         keyed = [s.keyed() for s in sort]
         directions = [s.descending != backwards for s in sort] + [backwards, backwards]
         columns = [*keyed, R.c.res_type, R.c.res_id]
-        stmt = (
-            select(R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, *keyed, V.c.key_version, V.c.body)
-            .select_from(R.join(V, and_(
-                V.c.tenant_id == R.c.tenant_id, V.c.res_type == R.c.res_type,
-                V.c.res_id == R.c.res_id, V.c.version == R.c.version,
-            )))
-            .where(*where)
-        )
+        # The page is chosen on `resources` and the index tables alone; only its rows then fetch their
+        # bodies from `resource_versions` (joining the versions first makes PostgreSQL read every match).
+        page = select(
+            R.c.tenant_id, R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated,
+            *[k.label(f"k{i}") for i, k in enumerate(keyed)],
+        ).where(*where)
         if after is not None:
-            stmt = stmt.where(_keyset_after(columns, directions, after))
-        stmt = stmt.order_by(*[c.desc() if d else c.asc() for c, d in zip(columns, directions)]).limit(limit)
+            page = page.where(_keyset_after(columns, directions, after))
+        page = page.order_by(*[c.desc() if d else c.asc() for c, d in zip(columns, directions)]).limit(limit)
+        p = page.subquery("page")
+        page_keys = [p.c[f"k{i}"] for i in range(len(keyed))]
+        page_order = [*page_keys, p.c.res_type, p.c.res_id]
+        stmt = (
+            select(p.c.res_type, p.c.res_id, p.c.version, p.c.last_updated, *page_keys, V.c.key_version, V.c.body)
+            .select_from(p.join(V, and_(
+                V.c.tenant_id == p.c.tenant_id, V.c.res_type == p.c.res_type,
+                V.c.res_id == p.c.res_id, V.c.version == p.c.version,
+            )))
+            .order_by(*[c.desc() if d else c.asc() for c, d in zip(page_order, directions)])
+        )
         rows = []
         n = len(keyed)
         for r in self.conn.execute(stmt):
             body = self.repo.sealer.open_resource(r.res_type, r.res_id, r.version, r.key_version, r.body)
             rows.append(Row(r.res_type, r.res_id, r.version, r.last_updated, tuple(r[4 : 4 + n]), body))
         return rows
+
+    def ids_if_few(self, ids: Any, limit: int) -> list[str] | None:
+        """The ids a subquery selects, if there are at most ``limit`` of them (else None)."""
+        found = [r[0] for r in self.conn.execute(select(ids.subquery().c[0]).distinct().limit(limit + 1))]
+        return found if len(found) <= limit else None
 
     def count(self, where: list[ColumnElement[bool]]) -> int:
         return int(self.conn.execute(select(func.count()).select_from(R).where(*where)).scalar_one())

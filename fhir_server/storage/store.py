@@ -25,12 +25,15 @@ class Storage:
         self.keyring = tenants.KeyRing(db, provider, settings.key_cache_seconds)
 
     @contextmanager
-    def session(self, tenant_name: str, *, write: bool) -> Iterator[ResourceRepository]:
+    def session(self, tenant_name: str, *, write: bool, exclusive: bool = False) -> Iterator[ResourceRepository]:
         """A repository for ``tenant_name``: committed when the block ends, rolled back if it raises.
 
+        ``exclusive`` locks the tenant row for update (a write that changes the tenant's search
+        parameters waits for the writes in flight and holds off new ones until it commits).
         Raises ``tenants.TenantNotFound`` for an unknown or deleted tenant.
         """
         with self.db.transaction(write=write, binds_tenant_first=True) as conn:
+            conn.info["fhir_lock_tenant"] = "update" if exclusive else None
             tenant = tenants.lookup(conn, tenant_name)
             keys = self.keyring.keys_for(conn, tenant)
             yield ResourceRepository(conn, tenant, Sealer(self.cipher, keys))

@@ -26,7 +26,7 @@ TENANT_NAME = re.compile(r"[a-z0-9-]{1,63}")
 DATA = "data"
 INDEX = "index"
 # Tenant tables in the order a purge empties them (keys last: they were shredded already).
-PURGE_ORDER = (*schema.INDEX_TABLES, "resource_versions", "resources", "tenant_keys")
+PURGE_ORDER = (*schema.INDEX_TABLES, "search_param_state", "resource_versions", "resources", "reindex_jobs", "tenant_keys")
 
 
 class TenantNotFound(Exception):
@@ -43,6 +43,7 @@ class Tenant:
     name: str
     status: str
     data_key_version: int
+    search_epoch: int = 0
 
 
 def check_name(name: str) -> str:
@@ -63,11 +64,21 @@ def bind_tenant(conn: Connection, tenant_id: int) -> None:
 # One round trip: resolve the tenant and bind row-level security to it. The setting is always
 # written, empty when the tenant is unknown or inactive, so no earlier binding can linger.
 _LOOKUP_PG = text(
-    "SELECT t.id, t.status, t.data_key_version, "
+    "SELECT t.id, t.status, t.data_key_version, t.search_epoch, "
     "set_config('" + TENANT_SETTING + "', COALESCE(CASE WHEN t.status = 'active' THEN CAST(t.id AS TEXT) END, ''), :local) "
     "FROM (SELECT 1) AS one LEFT JOIN tenants AS t ON t.name = :name"
 )
-_LOOKUP = text("SELECT id, status, data_key_version FROM tenants WHERE name = :name")
+# Writers share-lock the tenant row for their transaction: a write of a SearchParameter (which updates
+# search_epoch) waits for the writes in flight, and writes after it see the new epoch, so no resource is
+# indexed with a stale set of custom parameters behind the reindex job's back.
+_LOOKUP_PG_WRITE = (
+    "SELECT id, status, data_key_version, search_epoch, "
+    "set_config('" + TENANT_SETTING + "', CAST(id AS TEXT), true) "
+    "FROM tenants WHERE name = :name AND status = 'active' "
+)
+_LOOKUP_PG_SHARE = text(_LOOKUP_PG_WRITE + "FOR SHARE")
+_LOOKUP_PG_UPDATE = text(_LOOKUP_PG_WRITE + "FOR UPDATE")
+_LOOKUP = text("SELECT id, status, data_key_version, search_epoch FROM tenants WHERE name = :name")
 
 
 def lookup(conn: Connection, name: str) -> Tenant:
@@ -75,12 +86,16 @@ def lookup(conn: Connection, name: str) -> Tenant:
     if not TENANT_NAME.fullmatch(name):
         raise TenantNotFound(name)
     if conn.dialect.name == "postgresql":
-        row = conn.execute(_LOOKUP_PG, {"name": name, "local": not conn.info.get("fhir_autocommit")}).first()
+        if conn.info.get("fhir_write"):
+            stmt = _LOOKUP_PG_UPDATE if conn.info.get("fhir_lock_tenant") == "update" else _LOOKUP_PG_SHARE
+            row = conn.execute(stmt, {"name": name}).first()
+        else:
+            row = conn.execute(_LOOKUP_PG, {"name": name, "local": not conn.info.get("fhir_autocommit")}).first()
     else:
         row = conn.execute(_LOOKUP, {"name": name}).first()
     if row is None or row.id is None or row.status != "active":
         raise TenantNotFound(name)
-    return Tenant(row.id, name, row.status, row.data_key_version)
+    return Tenant(row.id, name, row.status, row.data_key_version, row.search_epoch)
 
 
 def list_tenants(conn: Connection) -> list[Tenant]:

@@ -48,11 +48,15 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
     if backend != "postgresql":
         pytest.skip("row-level security is PostgreSQL's; SQLite relies on the repository's tenant filter")
     a, b = new_tenant("a"), new_tenant("b")
-    # Something in every table: hashes, dates, references (Patient), quantities and composites (Observation), numbers (RiskAssessment).
+    # Something in every table: hashes, dates, references (Patient), quantities and composites (Observation), numbers
+    # (RiskAssessment), custom parameter state (SearchParameter).
     call(engine, a, "PUT", "Patient/x", {**patient("x"), "birthDate": "1970", "generalPractitioner": [{"reference": "Practitioner/1"}]})
     call(engine, a, "PUT", "Observation/o", {"resourceType": "Observation", "id": "o", "status": "final",
                                               "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
                                               "valueQuantity": {"value": 1, "system": "http://unitsofmeasure.org", "code": "mg"}})
+    call(engine, a, "PUT", "SearchParameter/sp", {"resourceType": "SearchParameter", "id": "sp", "url": "http://x/sp", "name": "sp",
+                                                   "status": "active", "description": "d", "code": "sp-code", "base": ["Patient"],
+                                                   "type": "token", "expression": "Patient.gender"})
     call(engine, a, "PUT", "RiskAssessment/r", {"resourceType": "RiskAssessment", "id": "r", "status": "final",
                                                 "subject": {"reference": "Patient/x"}, "prediction": [{"probabilityDecimal": 0.5}]})
     with storage.db.transaction(write=False) as conn:

@@ -92,6 +92,8 @@ def upgrade() -> None:
         for table in TABLES:
             pgddl.create_partitions(table)
             pgddl.secure(table)
+        pgddl.statistics_target("idx_hash", "hash", 2000)
+        pgddl.statistics_target("idx_reference", "target_id", 1000)
 
 
 def downgrade() -> None:
