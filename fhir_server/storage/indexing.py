@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, text
+from sqlalchemy import Connection, TextClause, bindparam, delete, insert, text
 
 from fhir_server.search.extract import (
     MASK_COMPOSITE,
@@ -36,40 +36,38 @@ _BY_MASK = [
     (MASK_COMPOSITE, schema.idx_composite),
 ]
 
-_OWNER = "SELECT :tid, :rt, :rid, "
-_PG_INSERTS = {
-    "idx_hash": text(
-        "INSERT INTO idx_hash (tenant_id, res_type, res_id, param_key, hash) " + _OWNER
-        + "k, h FROM unnest(CAST(:param_key AS bigint[]), CAST(:hash AS bytea[])) AS u(k, h)"
-    ),
-    "idx_date": text(
-        "INSERT INTO idx_date (tenant_id, res_type, res_id, param_key, low, high) " + _OWNER
-        + "k, l, h FROM unnest(CAST(:param_key AS bigint[]), CAST(:low AS bigint[]), CAST(:high AS bigint[])) AS u(k, l, h)"
-    ),
-    "idx_number": text(
-        "INSERT INTO idx_number (tenant_id, res_type, res_id, param_key, low, high) " + _OWNER
-        + "k, l, h FROM unnest(CAST(:param_key AS bigint[]), CAST(:low AS float8[]), CAST(:high AS float8[])) AS u(k, l, h)"
-    ),
-    "idx_quantity": text(
-        "INSERT INTO idx_quantity (tenant_id, res_type, res_id, param_key, low, high, system_code_hash, code_hash, unit_hash, canonical) "
-        + _OWNER + "k, l, h, sc, c, un, ca FROM unnest(CAST(:param_key AS bigint[]), CAST(:low AS float8[]), CAST(:high AS float8[]), "
-        "CAST(:system_code_hash AS bytea[]), CAST(:code_hash AS bytea[]), CAST(:unit_hash AS bytea[]), CAST(:canonical AS boolean[])) "
-        "AS u(k, l, h, sc, c, un, ca)"
-    ),
-    "idx_reference": text(
-        "INSERT INTO idx_reference (tenant_id, res_type, res_id, param_key, target_type, target_id, target_version, url, url_hash) "
-        + _OWNER + "k, tt, ti, tv, u, uh FROM unnest(CAST(:param_key AS bigint[]), CAST(:target_type AS text[]), "
-        "CAST(:target_id AS text[]), CAST(:target_version AS text[]), CAST(:url AS text[]), CAST(:url_hash AS bytea[])) "
-        "AS x(k, tt, ti, tv, u, uh)"
-    ),
-    "idx_composite": text(
-        "INSERT INTO idx_composite (tenant_id, res_type, res_id, param_key, hash, low, high, low2, high2, system_code_hash, "
-        "code_hash, unit_hash, canonical) " + _OWNER + "k, h, l, hi, l2, h2, sc, c, un, ca FROM unnest(CAST(:param_key AS bigint[]), "
-        "CAST(:hash AS bytea[]), CAST(:low AS float8[]), CAST(:high AS float8[]), CAST(:low2 AS float8[]), CAST(:high2 AS float8[]), "
-        "CAST(:system_code_hash AS bytea[]), CAST(:code_hash AS bytea[]), CAST(:unit_hash AS bytea[]), CAST(:canonical AS boolean[])) "
-        "AS u(k, h, l, hi, l2, h2, sc, c, un, ca)"
-    ),
+# Per table, the columns after (tenant_id, res_type, res_id), with their PostgreSQL array types.
+_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "idx_hash": (("param_key", "bigint"), ("hash", "bytea")),
+    "idx_date": (("param_key", "bigint"), ("low", "bigint"), ("high", "bigint")),
+    "idx_number": (("param_key", "bigint"), ("low", "float8"), ("high", "float8")),
+    "idx_quantity": (("param_key", "bigint"), ("low", "float8"), ("high", "float8"), ("system_code_hash", "bytea"),
+                     ("code_hash", "bytea"), ("unit_hash", "bytea"), ("canonical", "boolean")),
+    "idx_reference": (("param_key", "bigint"), ("target_type", "text"), ("target_id", "text"), ("target_version", "text"),
+                      ("url", "text"), ("url_hash", "bytea")),
+    "idx_composite": (("param_key", "bigint"), ("hash", "bytea"), ("low", "float8"), ("high", "float8"), ("low2", "float8"),
+                      ("high2", "float8"), ("system_code_hash", "bytea"), ("code_hash", "bytea"), ("unit_hash", "bytea"),
+                      ("canonical", "boolean")),
 }
+
+
+def _pg_insert(table: str) -> TextClause:
+    """One statement for any number of rows of any number of resources: the columns go as arrays."""
+    columns = (("res_type", "text"), ("res_id", "text"), *_COLUMNS[table])
+    names = ", ".join(name for name, _ in columns)
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns)
+    return text(f"INSERT INTO {table} (tenant_id, {names}) SELECT :tid, * FROM unnest({arrays})")
+
+
+def _pg_delete(table: str) -> TextClause:
+    return text(
+        f"DELETE FROM {table} AS t USING unnest(CAST(:res_type AS text[]), CAST(:res_id AS text[])) AS u(rt, rid) "
+        "WHERE t.tenant_id = :tid AND t.res_type = u.rt AND t.res_id = u.rid"
+    )
+
+
+_PG_INSERTS = {name: _pg_insert(name) for name in _COLUMNS}
+_PG_DELETES = {name: _pg_delete(name) for name in _COLUMNS}
 
 
 MAX_URL = 2048
@@ -82,16 +80,61 @@ def url_hash(url: str) -> bytes:
 
 def remove(conn: Connection, tenant_id: int, res_type: str, res_id: str, mask: int) -> None:
     """Delete a resource's index rows from the tables ``mask`` says hold some."""
+    remove_many(conn, tenant_id, [(res_type, res_id, mask)])
+
+
+def remove_many(conn: Connection, tenant_id: int, items: list[tuple[str, str, int]]) -> None:
+    """Delete the index rows of resources given as (type, id, mask): one statement per table concerned."""
+    postgres = conn.dialect.name == "postgresql"
     for bit, t in _BY_MASK:
-        if mask & bit:
-            conn.execute(delete(t).where(t.c.tenant_id == tenant_id, t.c.res_type == res_type, t.c.res_id == res_id))
+        keys = [(rt, rid) for rt, rid, mask in items if mask & bit]
+        if not keys:
+            continue
+        if len(keys) == 1:
+            conn.execute(delete(t).where(t.c.tenant_id == tenant_id, t.c.res_type == keys[0][0], t.c.res_id == keys[0][1]))
+        elif postgres:
+            conn.execute(_PG_DELETES[t.name], {"tid": tenant_id, "res_type": [k[0] for k in keys], "res_id": [k[1] for k in keys]})
+        else:
+            stmt = delete(t).where(t.c.tenant_id == tenant_id, t.c.res_type == bindparam("rt"), t.c.res_id == bindparam("rid"))
+            conn.execute(stmt, [{"rt": rt, "rid": rid} for rt, rid in keys])
 
 
 def write(conn: Connection, keys: TenantKeys, res_type: str, res_id: str, entries: IndexEntries, *, old_mask: int) -> None:
-    tid = keys.tenant_id
-    remove(conn, tid, res_type, res_id, old_mask)
-    columns: dict[str, dict[str, list[Any]]] = {}
+    """Replace one resource's index rows."""
+    write_many(conn, keys, [(res_type, res_id, entries, old_mask)])
 
+
+def write_many(conn: Connection, keys: TenantKeys, items: list[tuple[str, str, IndexEntries, int]]) -> None:
+    """Replace the index rows of resources given as (type, id, entries, mask of their old rows).
+
+    The rows of all of them go to each table in one statement.
+    """
+    tid = keys.tenant_id
+    remove_many(conn, tid, [(rt, rid, old_mask) for rt, rid, _, old_mask in items if old_mask])
+    columns: dict[str, dict[str, list[Any]]] = {}
+    for res_type, res_id, entries, _ in items:
+        for table, cols in _rows(keys, res_type, entries).items():
+            into = columns.get(table)
+            if into is None:
+                into = columns[table] = {"res_type": [], "res_id": [], **{name: [] for name, _ in _COLUMNS[table]}}
+            n = len(cols["param_key"])
+            into["res_type"].extend([res_type] * n)
+            into["res_id"].extend([res_id] * n)
+            for name, values in cols.items():
+                into[name].extend(values)
+    postgres = conn.dialect.name == "postgresql"
+    for table_name, cols in columns.items():
+        if postgres:
+            conn.execute(_PG_INSERTS[table_name], {"tid": tid, **cols})
+        else:
+            names = list(cols)
+            rows = [{"tenant_id": tid, **dict(zip(names, values))} for values in zip(*cols.values())]
+            conn.execute(insert(schema.metadata.tables[table_name]), rows)
+
+
+def _rows(keys: TenantKeys, res_type: str, entries: IndexEntries) -> dict[str, dict[str, list[Any]]]:
+    """One resource's index rows, by table, as columns (identifying values blind-indexed)."""
+    columns: dict[str, dict[str, list[Any]]] = {}
     if entries.hashes:
         seen: dict[tuple[int, bytes], None] = {}
         for h in dict.fromkeys(entries.hashes):
@@ -144,14 +187,4 @@ def write(conn: Connection, keys: TenantKeys, res_type: str, res_id: str, entrie
             c_cols["canonical"].append(c.canonical)
         columns["idx_composite"] = c_cols
 
-    postgres = conn.dialect.name == "postgresql"
-    for table_name, cols in columns.items():
-        if postgres:
-            conn.execute(_PG_INSERTS[table_name], {"tid": tid, "rt": res_type, "rid": res_id, **cols})
-        else:
-            names = list(cols)
-            rows = [
-                {"tenant_id": tid, "res_type": res_type, "res_id": res_id, **dict(zip(names, values))}
-                for values in zip(*cols.values())
-            ]
-            conn.execute(insert(schema.metadata.tables[table_name]), rows)
+    return columns

@@ -8,10 +8,11 @@ they reach the database and opened after they leave it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, exists, insert, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, exists, insert, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server.clock import now_us
@@ -25,15 +26,21 @@ V = schema.resource_versions
 
 
 class VersionConflict(Exception):
-    """If-Match named a version that is not the current one (``current`` is None when nothing exists)."""
+    """If-Match named a version that is not the current one (``current`` is None when nothing exists).
 
-    def __init__(self, current: int | None) -> None:
+    ``item``: in a ``write_many``, the position of the item that failed.
+    """
+
+    def __init__(self, current: int | None, item: int | None = None) -> None:
         super().__init__(current)
         self.current = current
+        self.item = item
 
 
 class AlreadyExists(Exception):
-    pass
+    def __init__(self, res_id: str, item: int | None = None) -> None:
+        super().__init__(res_id)
+        self.item = item
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,19 @@ class HistoryQuery:
 
 BodyBuilder = Callable[[int, int], bytes]  # (version, last_updated) -> resource JSON
 
+
+@dataclass(frozen=True, slots=True)
+class WriteItem:
+    """One resource to write in a ``write_many``."""
+
+    res_type: str
+    res_id: str
+    build: BodyBuilder
+    method: str
+    index: IndexEntries | None = None
+    if_match: int | None = None
+    create_only: bool = False
+
 # The hot statements, built once (bound parameters; SQLAlchemy caches their compiled form).
 _OWNER = and_(R.c.tenant_id == bindparam("tid"), R.c.res_type == bindparam("rt"), R.c.res_id == bindparam("rid"))
 _CURRENT = select(R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask).where(_OWNER)
@@ -100,6 +120,11 @@ _UPDATE_CURRENT = (
     .values(version=bindparam("v"), last_updated=bindparam("lu"), deleted=bindparam("del"), index_mask=bindparam("mask"))
 )
 _INSERT_VERSION = insert(V)
+_PG_LOCK_MANY = text(
+    "SELECT r.res_type, r.res_id, r.version, r.last_updated, r.deleted, r.index_mask FROM resources AS r "
+    "JOIN unnest(CAST(:rts AS text[]), CAST(:rids AS text[])) AS k(rt, rid) ON r.res_type = k.rt AND r.res_id = k.rid "
+    "WHERE r.tenant_id = :tid ORDER BY r.res_type, r.res_id FOR UPDATE OF r"
+)
 
 
 class ResourceRepository:
@@ -181,37 +206,72 @@ class ResourceRepository:
         create_only: bool = False,
     ) -> WriteResult:
         """Store a new version of a resource (creating it if needed), with its index rows, and return it."""
-        mask = index.mask() if index is not None else 0
+        return self.write_many([WriteItem(res_type, res_id, build, method, index, if_match, create_only)])[0]
+
+    def write_many(self, items: list[WriteItem]) -> list[WriteResult]:
+        """Store a new version of each resource (none named twice), with their index rows.
+
+        A few statements for all of them (a transaction Bundle's writes), not a few per resource.
+        Every check is made before anything is written: If-Match (VersionConflict) and create-only
+        (AlreadyExists), raised with ``item`` set to the failing item's position.
+        """
+        keys = [(i.res_type, i.res_id) for i in items]
+        # Lock the rows that exist (in key order, so concurrent writers of overlapping sets cannot deadlock).
+        # A create-only item of a fresh id is not looked for: inserting it tells.
+        states = self._lock_states(sorted(k for k, i in zip(keys, items) if not i.create_only))
+        for n, (key, item) in enumerate(zip(keys, items)):
+            if item.if_match is not None:
+                state = states.get(key)
+                if state is None or state.version != item.if_match:
+                    raise VersionConflict(state.version if state else None, item=n)
+        masks = [i.index.mask() if i.index is not None else 0 for i in items]
+        now = now_us()
+        pending = [n for n, key in enumerate(keys) if key not in states]
         for _ in range(5):
-            state = None if create_only else self.current_state(res_type, res_id, lock=True)
-            now = now_us()
-            if state is None:
-                if if_match is not None:
-                    raise VersionConflict(None)
-                if not self._insert_current(res_type, res_id, now, mask):
-                    if create_only:
-                        raise AlreadyExists(res_id)
-                    continue  # a concurrent writer created it first: lock its row and update
-                version, last_updated, created = 1, now, True
+            if not pending:
+                break
+            inserted = self._insert_current_many([(keys[n], masks[n]) for n in pending], now)
+            lost = [n for n in pending if keys[n] not in inserted]
+            for n in lost:
+                if items[n].create_only:
+                    raise AlreadyExists(keys[n][1], item=n)
+            # Created by a concurrent writer since we looked (it has committed): lock them, they are updates.
+            states.update(self._lock_states(sorted(keys[n] for n in lost)))
+            pending = [n for n in lost if keys[n] not in states]
+        else:
+            if pending:
+                raise RuntimeError("could not obtain the resource rows after repeated concurrent creation")
+
+        results: list[WriteResult] = []
+        updates: list[dict[str, object]] = []
+        versions: list[tuple[str, str, int, int, str, bytes | None]] = []
+        index_items: list[tuple[str, str, IndexEntries, int]] = []
+        unindexed: list[tuple[str, str, int]] = []
+        for n, ((res_type, res_id), item) in enumerate(zip(keys, items)):
+            state = states.get((res_type, res_id))
+            if state is None:  # inserted just now
+                version, last_updated, created, old_mask = 1, now, True, 0
             else:
-                if if_match is not None and state.version != if_match:
-                    raise VersionConflict(state.version)
                 version = state.version + 1
                 last_updated = max(now, state.last_updated + 1)  # never earlier than the version before
-                self.conn.execute(
-                    _UPDATE_CURRENT,
-                    {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated, "del": False, "mask": mask},
-                )
-                created = state.deleted
-            body = build(version, last_updated)
-            self._insert_version(res_type, res_id, version, last_updated, method, body)
-            if index is not None:
-                indexing.write(self.conn, self.sealer.keys, res_type, res_id, index, old_mask=state.index_mask if state else 0)
-            elif state is not None:
-                indexing.remove(self.conn, self._tid, res_type, res_id, state.index_mask)
-            record = VersionRecord(res_type, res_id, version, last_updated, False, method, body)
-            return WriteResult(record, created)
-        raise RuntimeError("could not obtain the resource row after repeated concurrent creation")
+                created, old_mask = state.deleted, state.index_mask
+                updates.append({"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated,
+                                 "del": False, "mask": masks[n]})
+            body = item.build(version, last_updated)
+            versions.append((res_type, res_id, version, last_updated, item.method, body))
+            if item.index is not None:
+                index_items.append((res_type, res_id, item.index, old_mask))
+            elif old_mask:
+                unindexed.append((res_type, res_id, old_mask))
+            results.append(WriteResult(VersionRecord(res_type, res_id, version, last_updated, False, item.method, body), created))
+        if updates:
+            self.conn.execute(_UPDATE_CURRENT, updates if len(updates) > 1 else updates[0])
+        self._insert_versions(versions)
+        if index_items:
+            indexing.write_many(self.conn, self.sealer.keys, index_items)
+        if unindexed:
+            indexing.remove_many(self.conn, self._tid, unindexed)
+        return results
 
     def delete(self, res_type: str, res_id: str, *, if_match: int | None = None) -> VersionRecord | None:
         """Delete the resource; None when there was nothing to delete (already deleted or never existed)."""
@@ -228,39 +288,58 @@ class ResourceRepository:
             _UPDATE_CURRENT,
             {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated, "del": True, "mask": 0},
         )
-        self._insert_version(res_type, res_id, version, last_updated, "DELETE", None)
+        self._insert_versions([(res_type, res_id, version, last_updated, "DELETE", None)])
         indexing.remove(self.conn, self._tid, res_type, res_id, state.index_mask)
         return VersionRecord(res_type, res_id, version, last_updated, True, "DELETE", None)
 
-    def _insert_current(self, res_type: str, res_id: str, now: int, mask: int) -> bool:
-        values = dict(
-            tenant_id=self._tid, res_type=res_type, res_id=res_id, version=1, last_updated=now, deleted=False, index_mask=mask
-        )
-        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        stmt = dialect_insert(R).values(**values).on_conflict_do_nothing().returning(R.c.version)
-        return self.conn.execute(stmt).first() is not None
+    def _lock_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], CurrentState]:
+        """The current state of those of ``keys`` that exist, their rows locked until the transaction ends."""
+        if not keys:
+            return {}
+        if len(keys) == 1:
+            state = self.current_state(keys[0][0], keys[0][1], lock=True)
+            return {} if state is None else {keys[0]: state}
+        rows: Iterable[Any]
+        if self._postgres:
+            rows = self.conn.execute(_PG_LOCK_MANY, {"tid": self._tid, "rts": [k[0] for k in keys], "rids": [k[1] for k in keys]})
+        else:  # one writer at a time already: nothing to lock
+            rows = (
+                row
+                for chunk in range(0, len(keys), 400)
+                for row in self.conn.execute(
+                    select(R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask).where(
+                        R.c.tenant_id == self._tid, tuple_(R.c.res_type, R.c.res_id).in_(keys[chunk : chunk + 400])
+                    )
+                )
+            )
+        return {(r.res_type, r.res_id): CurrentState(r.version, r.last_updated, r.deleted, r.index_mask) for r in rows}
 
-    def _insert_version(
-        self, res_type: str, res_id: str, version: int, last_updated: int, method: str, body: bytes | None
-    ) -> None:
-        if body is None:
-            key_version, sealed = self.sealer.keys.write_version, None
-        else:
-            key_version, sealed = self.sealer.seal_resource(res_type, res_id, version, body)
-        self.conn.execute(
-            _INSERT_VERSION,
-            {
-                "tenant_id": self._tid,
-                "res_type": res_type,
-                "res_id": res_id,
-                "version": version,
-                "last_updated": last_updated,
-                "method": method,
-                "deleted": body is None,
-                "key_version": key_version,
+    def _insert_current_many(self, rows: list[tuple[tuple[str, str], int]], now: int) -> set[tuple[str, str]]:
+        """Insert the rows of new resources ((type, id), index mask); the keys that were inserted (not already there)."""
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        values = [
+            dict(tenant_id=self._tid, res_type=rt, res_id=rid, version=1, last_updated=now, deleted=False, index_mask=mask)
+            for (rt, rid), mask in sorted(rows)
+        ]
+        stmt = dialect_insert(R).on_conflict_do_nothing().returning(R.c.res_type, R.c.res_id)
+        if len(values) == 1:
+            return {(r.res_type, r.res_id) for r in self.conn.execute(stmt.values(**values[0]))}
+        return {(r.res_type, r.res_id) for r in self.conn.execute(stmt, values)}
+
+    def _insert_versions(self, versions: list[tuple[str, str, int, int, str, bytes | None]]) -> None:
+        """Insert version rows (type, id, version, last_updated, method, body or None for a deletion), sealed."""
+        rows = []
+        for res_type, res_id, version, last_updated, method, body in versions:
+            if body is None:
+                key_version, sealed = self.sealer.keys.write_version, None
+            else:
+                key_version, sealed = self.sealer.seal_resource(res_type, res_id, version, body)
+            rows.append({
+                "tenant_id": self._tid, "res_type": res_type, "res_id": res_id, "version": version,
+                "last_updated": last_updated, "method": method, "deleted": body is None, "key_version": key_version,
                 "body": sealed,
-            },
-        )
+            })
+        self.conn.execute(_INSERT_VERSION, rows if len(rows) > 1 else rows[0])
 
     # --- history -----------------------------------------------------------------------
 
