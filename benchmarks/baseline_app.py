@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 from flask import Flask, Response
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 
 FIXED = orjson.dumps({"resourceType": "Basic", "id": "fixed", "note": "x" * 960})
 

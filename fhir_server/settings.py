@@ -46,6 +46,9 @@ class _SettingsSchema(Schema):
     key_cache_seconds = mf.Integer(load_default=300, validate=validate.Range(min=0))
     timeout = mf.Integer(load_default=120, validate=validate.Range(min=1))
     background_jobs = mf.Boolean(load_default=True)
+    conditional_delete = mf.String(load_default="single", validate=validate.OneOf(["single", "multiple"]))
+    max_conditional_delete = mf.Integer(load_default=100, validate=validate.Range(min=1, max=100000))
+    max_bundle_entries = mf.Integer(load_default=10000, validate=validate.Range(min=1))
     job_poll_seconds = mf.Float(load_default=10.0, validate=validate.Range(min=0.1))
 
 
@@ -76,6 +79,9 @@ class Settings:
     key_cache_seconds: int = 300
     timeout: int = 120
     background_jobs: bool = True
+    conditional_delete: str = "single"
+    max_conditional_delete: int = 100
+    max_bundle_entries: int = 10000
     job_poll_seconds: float = 10.0
 
     @property

@@ -64,6 +64,12 @@ def backend(db_urls: DatabaseUrls) -> str:
     return db_urls.backend
 
 
+@pytest.fixture
+def fresh_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> DatabaseUrls:
+    """A database of its own (for tests that rotate its master key, kill its server, count all its rows)."""
+    return database_urls(request, backend, str(tmp_path))
+
+
 @pytest.fixture(scope="session")
 def settings(db_urls: DatabaseUrls, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return make_settings(db_urls, tmp_path_factory.mktemp("data"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,36 +13,13 @@ from sqlalchemy import create_engine, func, select
 from sqlalchemy.pool import NullPool
 
 from fhir_server.storage import schema
-from testsupport.backends import DatabaseUrls, database_urls
-
-CLI = [sys.executable, "-m", "fhir_server.cli"]
-
-
-def run(env: dict[str, str], *args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300, input=stdin)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-@pytest.fixture
-def fresh_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> DatabaseUrls:
-    """A database of its own: these tests rotate the master key of everything in it."""
-    return database_urls(request, backend, str(tmp_path))
+from testsupport.backends import DatabaseUrls
+from testsupport.cli import CLI, admin_or_owner, cli_environment, run
 
 
 @pytest.fixture
 def cli_env(fresh_db: DatabaseUrls, tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_")}
-    env.update(
-        FHIR_DATABASE_URL=fresh_db.app_url,
-        FHIR_MIGRATION_DATABASE_URL=fresh_db.owner_url,
-        FHIR_DATA_DIR=str(tmp_path / "data"),
-        FHIR_MASTER_KEY_FILE=str(tmp_path / "master.key"),
-    )
-    run(env, "keys", "generate-master", "--output", str(tmp_path / "master.key"))
-    run(env, "migrate")
-    return env
+    return cli_environment(fresh_db, tmp_path)
 
 
 def test_generate_master_refuses_to_overwrite(cli_env: dict[str, str], tmp_path: Path) -> None:
@@ -89,7 +65,7 @@ def test_killed_reencrypt_resumes_and_finishes(cli_env: dict[str, str], fresh_db
     run(cli_env, "keys", "rotate", "--tenant", name)
     proc = subprocess.Popen([*CLI, "keys", "reencrypt", "--tenant", name, "--batch-size", "2"], env=cli_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    engine = create_engine(_admin_or_owner(fresh_db), poolclass=NullPool)
+    engine = create_engine(admin_or_owner(fresh_db), poolclass=NullPool)
     V = schema.resource_versions
     deadline = time.monotonic() + 60
     try:
@@ -112,17 +88,6 @@ def test_killed_reencrypt_resumes_and_finishes(cli_env: dict[str, str], fresh_db
         engine.dispose()
     for i in range(300):
         assert client.get(f"/fhir/{name}/Basic/b{i}").status_code == 200
-
-
-def _admin_or_owner(urls: DatabaseUrls) -> str:
-    # Counting across the table needs a view past row-level security: the cluster's administrator.
-    if urls.backend == "postgresql":
-        from sqlalchemy.engine import make_url
-
-        from testsupport.backends import admin_url
-
-        return make_url(admin_url()).set(database=make_url(urls.owner_url).database).render_as_string(hide_password=False)
-    return urls.owner_url
 
 
 def test_serve_refuses_non_loopback_and_stale_schema(cli_env: dict[str, str], tmp_path: Path) -> None:

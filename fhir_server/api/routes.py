@@ -34,11 +34,12 @@ def fhir(tenant: str, rest: str) -> Response:
         raise NotFound("Empty path segment in the URL")
     media_type = negotiation.response_type(request.args.get("_format"), request.headers.get("Accept"))
     body = None
+    content_type = None
     params = [(k, v) for k, v in request.args.items(multi=True)]
     if request.method == "POST" and segments and segments[-1] == "_search":
         params.extend(_read_form())
     elif request.method in ("POST", "PUT", "PATCH"):
-        body = _read_body(settings)
+        body, content_type = _read_body(settings)
     prefer_return, prefer_handling = _prefer(request.headers.get("Prefer"))
     req = FhirRequest(
         method=request.method,
@@ -53,19 +54,20 @@ def fhir(tenant: str, rest: str) -> Response:
         if_none_exist=request.headers.get("If-None-Exist"),
         prefer_return=prefer_return,
         prefer_handling=prefer_handling,
+        content_type=content_type,
     )
     request.environ["fhir.route"] = _route_label(engine, segments)
     return render(engine.handle(req), media_type)
 
 
-def _read_body(settings: Settings) -> object:
+def _read_body(settings: Settings) -> tuple[object, str]:
     data = request.get_data(cache=False)
     if not data:
         if request.method == "PATCH":
             raise BadRequest("The request body is empty; a patch document was expected", code="required")
         raise BadRequest("The request body is empty; a FHIR resource was expected", code="required")
-    negotiation.check_body_type(request.headers.get("Content-Type"))
-    return fhirjson.parse(data, max_depth=settings.max_json_depth)
+    media = negotiation.check_body_type(request.headers.get("Content-Type"), allow_patch=request.method == "PATCH")
+    return fhirjson.parse(data, max_depth=settings.max_json_depth), media
 
 
 def _read_form() -> list[tuple[str, str]]:

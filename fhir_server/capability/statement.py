@@ -22,6 +22,7 @@ class Features:
     search_params: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # type -> searchParam entries
     system_search_params: list[dict[str, str]] = field(default_factory=list)
     conditional_create: bool = False
+    conditional_read: str = "not-supported"
     conditional_update: bool = False
     conditional_delete: str = "not-supported"
     patch_formats: tuple[str, ...] = ()
@@ -42,7 +43,7 @@ def capability_statement(registry: Registry, base_url: str, started_at: int, fea
             "readHistory": True,
             "updateCreate": True,
             "conditionalCreate": features.conditional_create,
-            "conditionalRead": "not-supported",
+            "conditionalRead": features.conditional_read,
             "conditionalUpdate": features.conditional_update,
             "conditionalDelete": features.conditional_delete,
             "referencePolicy": ["literal", "logical"],

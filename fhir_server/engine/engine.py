@@ -6,37 +6,29 @@ into ``FhirError``s (so callers see one error type). It knows nothing of HTTP.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
 from fhir_server.capability.registry import Registry
 from fhir_server.capability.statement import Features, capability_statement
 from fhir_server.clock import now_us
-from fhir_server.engine import compartments, custom_params, history, resources, search
+from fhir_server.engine import bundles, compartments, conditional, custom_params, history, resources, search
 from fhir_server.engine.reindex import JobRunner
 from fhir_server.engine.features import custom_features, search_features
 from fhir_server.engine.request import FhirRequest, FhirResponse
+from fhir_server.engine.storage_errors import storage_errors
 from fhir_server.errors import (
     BadRequest,
-    FhirError,
-    IntegrityFailure,
     MethodNotAllowed,
     NotFound,
-    PreconditionFailed,
 )
 from fhir_server.fhirjson import RawJson, dumps
 from fhir_server.search.extract import Extractor
 from fhir_server.search.parameters import load_search_parameters
 from fhir_server.search.query import QueryParser
-from fhir_server.security.crypto import IntegrityError
-from fhir_server.security.keys import KeyUnavailable
 from fhir_server.settings import Settings
-from fhir_server.storage.repository import AlreadyExists, VersionConflict
 from fhir_server.storage.store import Storage
-from fhir_server.storage.tenants import TENANT_NAME, TenantNotFound
 
-log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -49,7 +41,7 @@ class Engine:
         self.query_parser = QueryParser(
             self.search_params, default_count=settings.default_page_size, max_count=settings.max_page_size
         )
-        self.features = features or search_features(self.search_params)
+        self.features = features or search_features(self.search_params, conditional_delete=settings.conditional_delete)
         self.contexts = custom_params.Contexts(self)
         self.jobs: JobRunner | None = None  # set by the app when background jobs run in this process
         self.started_at = now_us()
@@ -57,31 +49,8 @@ class Engine:
         self._lock = threading.Lock()
 
     def handle(self, req: FhirRequest) -> FhirResponse:
-        try:
+        with storage_errors(req.tenant):
             return self._route(req)
-        except TenantNotFound:
-            if not TENANT_NAME.fullmatch(req.tenant):
-                raise BadRequest(
-                    f"Invalid tenant name {req.tenant[:80]!r}: use 1 to 63 lowercase letters, digits and hyphens",
-                    expression="tenant",
-                ) from None
-            raise NotFound(f"Unknown tenant {req.tenant[:63]!r}", expression="tenant") from None
-        except VersionConflict as exc:
-            if exc.current is None:
-                raise PreconditionFailed("If-Match was given but the resource does not exist", expression="If-Match") from None
-            raise PreconditionFailed(
-                f"If-Match does not match the current version (W/\"{exc.current}\"); read the resource and retry",
-                expression="If-Match",
-                headers={"ETag": f'W/"{exc.current}"'},
-            ) from None
-        except AlreadyExists:
-            raise FhirError("A resource with this id already exists", status=409, code="duplicate") from None
-        except (IntegrityError, KeyUnavailable) as exc:
-            log.error("stored record failed its integrity check", extra={"tenant": req.tenant, "reason": str(exc)})
-            raise IntegrityFailure(
-                "A stored record failed its integrity check (it was altered, moved, or its key is unavailable); "
-                "the incident has been logged"
-            ) from None
 
     def _route(self, req: FhirRequest) -> FhirResponse:
         path, method = req.path, req.method
@@ -91,7 +60,9 @@ class Engine:
         if n == 0:
             if method == "GET":
                 return self.system_search(req)
-            raise MethodNotAllowed(f"{method} on the base URL (batch and transaction) is not supported by this server yet")
+            if method == "POST":
+                return bundles.process(self, req)
+            raise MethodNotAllowed(f"{method} is not allowed on the base URL; use GET (search) or POST (batch, transaction)")
         head = path[0]
         if head == "_search" and n == 1:
             self._only(method, ("POST",))
@@ -107,10 +78,18 @@ class Engine:
         rtype = self._resource_type(head)
         if n == 1:
             if method == "POST":
+                if req.if_none_exist is not None:
+                    return conditional.create(self, req, rtype)
                 return resources.create(self, req, rtype)
             if method == "GET":
                 return search.search(self, req, (rtype,), list(req.params), system=False)
-            raise MethodNotAllowed(f"{method} is not allowed on {rtype}; use POST to create or PUT {rtype}/[id] to update")
+            if method == "PUT":
+                return conditional.update(self, req, rtype)
+            if method == "DELETE":
+                return conditional.delete(self, req, rtype)
+            if method == "PATCH":
+                return conditional.patch(self, req, rtype, None)
+            raise MethodNotAllowed(f"{method} is not allowed on {rtype}")
         second = path[1]
         if second == "_history" and n == 2:
             self._only(method, ("GET",))
@@ -128,7 +107,9 @@ class Engine:
                 return resources.update(self, req, rtype, rid)
             if method == "DELETE":
                 return resources.delete(self, req, rtype, rid)
-            raise MethodNotAllowed(f"{method} is not allowed on {rtype}/{rid[:64]}; use GET, PUT or DELETE")
+            if method == "PATCH":
+                return conditional.patch(self, req, rtype, rid)
+            raise MethodNotAllowed(f"{method} is not allowed on {rtype}/{rid[:64]}; use GET, PUT, PATCH or DELETE")
         if path[2] == "_history":
             if n == 3:
                 self._only(method, ("GET",))

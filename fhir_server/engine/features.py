@@ -7,12 +7,13 @@ from dataclasses import replace
 
 from fhir_server.search.parameters import ParameterSource, SearchParameters
 
-SEARCH_TYPE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
-SYSTEM_INTERACTIONS = ("history-system", "search-system")
+SEARCH_TYPE_INTERACTIONS = ("read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create")
+SYSTEM_INTERACTIONS = ("transaction", "batch", "history-system", "search-system")
+PATCH_FORMATS = ("application/json-patch+json", "application/fhir+json")
 COMMON = ("_id", "_lastUpdated", "_tag", "_profile", "_security", "_source")
 
 
-def search_features(params: SearchParameters) -> Features:
+def search_features(params: SearchParameters, *, conditional_delete: str = "single") -> Features:
     search_params: dict[str, list[dict[str, str]]] = {}
     includes: dict[str, list[str]] = {}
     revincludes: dict[str, list[str]] = {}
@@ -42,6 +43,11 @@ def search_features(params: SearchParameters) -> Features:
         system_search_params=system,
         search_includes=includes,
         search_revincludes={k: sorted(set(v)) for k, v in revincludes.items()},
+        conditional_create=True,
+        conditional_read="full-support",
+        conditional_update=True,
+        conditional_delete=conditional_delete,
+        patch_formats=PATCH_FORMATS,
     )
 
 

@@ -31,6 +31,7 @@ class FhirRequest:
     if_none_exist: str | None = None
     prefer_return: str | None = None
     prefer_handling: str | None = None
+    content_type: str | None = None  # of the body: application/fhir+json, or application/json-patch+json
 
     def param(self, name: str) -> str | None:
         for k, v in self.params:

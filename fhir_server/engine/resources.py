@@ -15,7 +15,7 @@ from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outc
 from fhir_server.fhirjson import RawJson
 from fhir_server.engine import custom_params
 from fhir_server.search.extract import IndexEntries
-from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
+from fhir_server.storage.repository import BodyBuilder, ResourceRepository, VersionRecord, WriteItem, WriteResult
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -155,8 +155,6 @@ def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> F
 
 def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     body, warnings = validated_body(engine, req, rtype)
-    if req.if_none_exist is not None:
-        raise BadRequest("Conditional create (If-None-Exist) is not supported by this server yet", code="not-supported")
     rid = str(uuid.uuid4())  # the client's id, if any, is ignored (FHIR R4 create)
     result = store(engine, req.tenant, rtype, rid, body, method="POST", create_only=True)
     rec = result.record
@@ -177,12 +175,18 @@ def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
         )
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
     result = store(engine, req.tenant, rtype, rid, body, method="PUT", if_match=if_match)
+    return update_response(engine, req, result, warnings)
+
+
+def update_response(engine: Engine, req: FhirRequest, result: WriteResult, warnings: list[Issue]) -> FhirResponse:
+    """The answer to an update: 201 with Location when it created the resource, else 200."""
     rec = result.record
     headers = version_headers(engine, req, rec)
+    name = f"{rec.res_type}/{rec.res_id}"
     if result.created:
         headers["Location"] = headers["Content-Location"]
-        return write_response(req, rec, 201, headers, warnings, f"Created {rtype}/{rid}")
-    return write_response(req, rec, 200, headers, warnings, f"Updated {rtype}/{rid} to version {rec.version}")
+        return write_response(req, rec, 201, headers, warnings, f"Created {name}")
+    return write_response(req, rec, 200, headers, warnings, f"Updated {name} to version {rec.version}")
 
 
 def delete(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
@@ -236,6 +240,27 @@ def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, bod
                         if_match=if_match, create_only=create_only)
     job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None
     return result, job
+
+
+def write_many_in(engine: Engine, repo: ResourceRepository, writes: list[tuple[str, str, dict[str, Any], str, int | None]]
+                  ) -> list[WriteResult]:
+    """Write several resources (type, id, body, method, If-Match version) inside an open unit of work.
+
+    None is a SearchParameter (those go one by one, through ``write_in``); a POST creates only.
+    The storage work is a few statements for all of them.
+    """
+    ctx = engine.contexts.for_repo(repo)
+    local = f"/fhir/{repo.tenant.name}/"
+
+    def builder(body: dict[str, Any], rid: str) -> BodyBuilder:
+        return lambda version, last_updated: stamp(body, rid, version, last_updated)
+
+    items = []
+    for rtype, rid, body, method, if_match in writes:
+        assert rtype != "SearchParameter"
+        items.append(WriteItem(rtype, rid, builder(body, rid), method, ctx.extractor.extract(body, local_path=local),
+                               if_match, create_only=method == "POST"))
+    return repo.write_many(items)
 
 
 def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, if_match: int | None = None

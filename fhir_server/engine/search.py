@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import binascii
 import json
@@ -394,3 +395,26 @@ def _entry(engine: Engine, req: FhirRequest, row: Row, query: SearchQuery, mode:
     if query.summary not in (None, "false") or query.elements is not None:
         resource = subset(engine.registry, fhirjson.loads_stored(row.body), summary=query.summary, elements=query.elements)
     return {"fullUrl": f"{req.base_url}/{row.res_type}/{row.res_id}", "resource": resource, "search": {"mode": mode}}
+
+
+def matching_ids(engine: Engine, repo: Any, rtype: str, query: str, *, limit: int = 2) -> list[str]:
+    """Ids of ``rtype`` resources matching a search query string, inside an open unit of work.
+
+    For conditional interactions (If-None-Exist, conditional update, delete and patch, and conditional
+    references): unknown parameters are errors here, since ignoring one would match too much.
+    """
+    from urllib.parse import parse_qsl
+
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not pairs:
+        raise BadRequest(f"A conditional {rtype} needs search criteria", expression="query")
+    if any(k in ("_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total") for k, _ in pairs):
+        raise BadRequest("A conditional interaction takes search criteria only (no result parameters)", expression="query")
+    ctx = engine.contexts.for_repo(repo)
+    parsed = ctx.parser.parse((rtype,), pairs, strict=True)
+    store = SearchStore(repo)
+    compiler = Compiler(repo.sealer.keys, ctx.extractor, "", materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
+                        fetch_ids=store.ids_if_few)
+    where, confirmations = _where(store, compiler, parsed, (rtype,))
+    page, _ = _sql_page(store, where, confirmations, [], dataclasses.replace(parsed, count=limit), None)
+    return [r.res_id for r in page]

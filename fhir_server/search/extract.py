@@ -360,7 +360,7 @@ class Extractor:
             out.quantities.append(QuantityEntry(key, key_name, lo, hi, f"{ucum.UCUM_SYSTEM}|{canon}", canon, None, True))
 
     def _reference(self, out: IndexEntries, p: SearchParam, t: Typed) -> None:
-        v, typ = t.value, t.type
+        v = t.value
         if isinstance(v, str):  # canonical / uri
             canonical_url, _, canonical_version = v.partition("|")
             rtype, rid, _, _ = parse_reference(canonical_url)

@@ -150,8 +150,13 @@ def test_capabilities(engine: Engine, tenant: str) -> None:
     types = {r["type"]: r for r in statement["rest"][0]["resource"]}
     assert len(types) == 146
     assert {i["code"] for i in types["Patient"]["interaction"]} == {
-        "read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"
+        "read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"
     }
+    patient = types["Patient"]
+    assert patient["conditionalCreate"] is True and patient["conditionalUpdate"] is True
+    assert patient["conditionalDelete"] == "single" and patient["conditionalRead"] == "full-support"
+    assert {i["code"] for i in statement["rest"][0]["interaction"]} == {"transaction", "batch", "history-system", "search-system"}
+    assert statement["patchFormat"] == ["application/json-patch+json", "application/fhir+json"]
     names = {p["name"] for p in types["Patient"]["searchParam"]}
     assert {"name", "birthdate", "identifier", "_id", "_lastUpdated", "_tag"} <= names
     assert "_text" not in names and "_content" not in names

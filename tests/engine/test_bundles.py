@@ -1,0 +1,293 @@
+"""Batch and transaction Bundles, conditional interactions and PATCH, through the engine on every back-end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from fhir_server.engine.engine import Engine
+from fhir_server.errors import BadRequest, FhirError, NotFound, PreconditionFailed
+from testsupport.engine_calls import call, resource
+
+MRN = "http://hospital.example/mrn"
+
+
+def pat(mrn: str, family: str = "Doe", pid: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"resourceType": "Patient", "identifier": [{"system": MRN, "value": mrn}], "name": [{"family": family}]}
+    if pid:
+        body["id"] = pid
+    return body
+
+
+def bundle(kind: str, *entries: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
+
+
+def post(engine: Engine, tenant: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    resp = call(engine, tenant, "POST", "", body, **kw)
+    assert resp.status == 200
+    return resource(resp)
+
+
+def count(engine: Engine, tenant: str, rtype: str, query: tuple[tuple[str, str], ...] = ()) -> int:
+    return int(resource(call(engine, tenant, "GET", rtype, params=(*query, ("_total", "accurate"))))["total"])
+
+
+def test_transaction_resolves_references_and_orders_work(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/old", pat("0", "Old", "old"))
+    out = post(engine, tenant, bundle(
+        "transaction",
+        {"fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111", "resource": pat("1", "New"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "urn:uuid:22222222-2222-2222-2222-222222222222",
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"},
+                      "text": {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml"><a href="urn:uuid:11111111-1111-1111-1111-111111111111">patient</a></div>'},
+                      "extension": [{"url": "http://example.org/x", "valueReference": {"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"}}],
+                      "contained": [{"resourceType": "Provenance", "id": "p", "recorded": "2024-01-01T00:00:00Z",
+                                     "target": [{"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"}],
+                                     "agent": [{"who": {"display": "x"}}]}]},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"request": {"method": "DELETE", "url": "Patient/old"}},
+        {"request": {"method": "GET", "url": "Patient?identifier=http://hospital.example/mrn|1"}},
+    ))
+    assert out["type"] == "transaction-response"
+    statuses = [e["response"]["status"] for e in out["entry"]]
+    assert statuses[0].startswith("201") and statuses[1].startswith("201") and statuses[2].startswith("204")
+    patient_id = out["entry"][0]["response"]["location"].split("/")[1]
+    obs_id = out["entry"][1]["response"]["location"].split("/")[1]
+    obs = resource(call(engine, tenant, "GET", f"Observation/{obs_id}"))
+    assert obs["subject"]["reference"] == f"Patient/{patient_id}"
+    assert obs["extension"][0]["valueReference"]["reference"] == f"Patient/{patient_id}"
+    assert obs["contained"][0]["target"][0]["reference"] == f"Patient/{patient_id}"
+    assert f'href="Patient/{patient_id}"' in obs["text"]["div"]
+    assert out["entry"][3]["resource"]["total"] == 1  # the GET ran after the writes
+    with pytest.raises(FhirError):
+        call(engine, tenant, "GET", "Patient/old")
+
+
+def test_a_failing_entry_rolls_everything_back(engine: Engine, tenant: str) -> None:
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, bundle(
+            "transaction",
+            {"resource": pat("A"), "request": {"method": "POST", "url": "Patient"}},
+            {"resource": pat("B", pid="b"), "request": {"method": "PUT", "url": "Patient/b"}},
+            {"resource": {"resourceType": "Patient", "birthDate": "not-a-date"}, "request": {"method": "POST", "url": "Patient"}},
+        ))
+    assert info.value.status == 400
+    assert "Bundle.entry[2]" in info.value.issues[0].diagnostics
+    assert info.value.issues[0].expression == ("Bundle.entry[2].resource.birthDate",)
+    assert count(engine, tenant, "Patient") == 0
+
+
+def test_conditional_create_update_delete_in_a_transaction(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/p7", pat("7", "Seven", "p7"))
+    out = post(engine, tenant, bundle(
+        "transaction",
+        {"fullUrl": "urn:uuid:aaaaaaaa-0000-0000-0000-000000000001", "resource": pat("7", "Again"),
+         "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={MRN}|7"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "urn:uuid:aaaaaaaa-0000-0000-0000-000000000001"}},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": pat("8", "Eight"), "request": {"method": "PUT", "url": f"Patient?identifier={MRN}|8"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "y"},
+                      "subject": {"reference": f"Patient?identifier={MRN}|7"}},
+         "request": {"method": "POST", "url": "Observation"}},
+    ))
+    assert out["entry"][0]["response"]["status"].startswith("200")  # matched: nothing created
+    assert out["entry"][0]["response"]["location"].startswith("Patient/p7/")
+    assert out["entry"][2]["response"]["status"].startswith("201")
+    obs = resource(call(engine, tenant, "GET", "Observation", params=(("subject", "Patient/p7"),)))
+    assert len(obs["entry"]) == 2
+    assert count(engine, tenant, "Patient") == 2
+    # a conditional reference that matches nothing fails the transaction
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, bundle("transaction", {
+            "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "z"},
+                         "subject": {"reference": f"Patient?identifier={MRN}|nobody"}},
+            "request": {"method": "POST", "url": "Observation"}}))
+    assert info.value.status == 412 and info.value.issues[0].diagnostics.startswith("Bundle.entry[0]")
+    assert count(engine, tenant, "Observation") == 2
+
+
+def test_batch_entries_are_independent(engine: Engine, tenant: str) -> None:
+    out = post(engine, tenant, bundle(
+        "batch",
+        {"resource": pat("1"), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {"resourceType": "Patient", "active": "maybe"}, "request": {"method": "POST", "url": "Patient"}},
+        {"request": {"method": "GET", "url": "Patient/missing"}},
+        {"resource": pat("2", pid="b2"), "request": {"method": "PUT", "url": "Patient/b2"}},
+        {"request": {"method": "GET", "url": "metadata"}},
+    ))
+    assert out["type"] == "batch-response"
+    statuses = [e["response"]["status"][:3] for e in out["entry"]]
+    assert statuses == ["201", "400", "404", "201", "200"]
+    assert out["entry"][1]["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert count(engine, tenant, "Patient") == 2
+
+
+def test_single_conditional_interactions(engine: Engine, tenant: str) -> None:
+    first = call(engine, tenant, "POST", "Patient", pat("c1"), if_none_exist=f"identifier={MRN}|c1")
+    again = call(engine, tenant, "POST", "Patient", pat("c1"), if_none_exist=f"identifier={MRN}|c1")
+    assert first.status == 201 and again.status == 200 and first.headers["Location"] == again.headers["Content-Location"]
+    call(engine, tenant, "POST", "Patient", pat("dup"))
+    call(engine, tenant, "POST", "Patient", pat("dup"))
+    with pytest.raises(PreconditionFailed):
+        call(engine, tenant, "POST", "Patient", pat("dup"), if_none_exist=f"identifier={MRN}|dup")
+    # conditional update: none -> create, one -> update, several -> 412
+    created = call(engine, tenant, "PUT", "Patient", pat("u1", "First"), params=(("identifier", f"{MRN}|u1"),))
+    updated = call(engine, tenant, "PUT", "Patient", pat("u1", "Second"), params=(("identifier", f"{MRN}|u1"),))
+    assert created.status == 201 and updated.status == 200 and updated.headers["ETag"] == 'W/"2"'
+    with pytest.raises(PreconditionFailed):
+        call(engine, tenant, "PUT", "Patient", pat("dup"), params=(("identifier", f"{MRN}|dup"),))
+    # conditional delete: several is refused under the default setting, one is deleted
+    with pytest.raises(PreconditionFailed):
+        call(engine, tenant, "DELETE", "Patient", params=(("identifier", f"{MRN}|dup"),))
+    assert call(engine, tenant, "DELETE", "Patient", params=(("identifier", f"{MRN}|u1"),)).status == 204
+    assert count(engine, tenant, "Patient", (("identifier", f"{MRN}|u1"),)) == 0
+    assert call(engine, tenant, "DELETE", "Patient", params=(("identifier", f"{MRN}|none"),)).status == 204
+    with pytest.raises(BadRequest):
+        call(engine, tenant, "DELETE", "Patient", params=(("nonsense", "x"),))  # unknown criteria never match everything
+
+
+def test_concurrent_conditional_creates_make_one_resource(engine: Engine, tenant: str) -> None:
+    barrier = threading.Barrier(8)
+
+    def create(i: int) -> int:
+        barrier.wait()
+        return call(engine, tenant, "POST", "Patient", pat("race"), if_none_exist=f"identifier={MRN}|race").status
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(create, range(8)))
+    assert statuses == [200] * 7 + [201]
+    assert count(engine, tenant, "Patient", (("identifier", f"{MRN}|race"),)) == 1
+
+
+def test_concurrent_conditional_transactions_make_one_resource(engine: Engine, tenant: str) -> None:
+    barrier = threading.Barrier(6)
+
+    def send(i: int) -> str:
+        barrier.wait()
+        out = post(engine, tenant, bundle("transaction", {
+            "resource": pat("tx-race", f"T{i}"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={MRN}|tx-race"}}))
+        return str(out["entry"][0]["response"]["status"][:3])
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = sorted(pool.map(send, range(6)))
+    assert statuses == ["200"] * 5 + ["201"]
+
+
+def test_patch(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/pp", pat("pp", "Before", "pp"))
+    fhirpath_patch = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+        {"name": "type", "valueCode": "replace"}, {"name": "path", "valueString": "Patient.name[0].family"},
+        {"name": "value", "valueString": "After"}]}]}
+    resp = call(engine, tenant, "PATCH", "Patient/pp", fhirpath_patch, content_type="application/fhir+json")
+    assert resp.status == 200 and resp.headers["ETag"] == 'W/"2"'
+    assert resource(call(engine, tenant, "GET", "Patient/pp"))["name"][0]["family"] == "After"
+    json_patch = [{"op": "add", "path": "/gender", "value": "female"}]
+    call(engine, tenant, "PATCH", "Patient/pp", json_patch, content_type="application/json-patch+json", if_match='W/"2"')
+    assert resource(call(engine, tenant, "GET", "Patient/pp"))["gender"] == "female"
+    with pytest.raises(PreconditionFailed):
+        call(engine, tenant, "PATCH", "Patient/pp", json_patch, content_type="application/json-patch+json", if_match='W/"1"')
+    with pytest.raises(BadRequest):  # the patched resource is validated like any write
+        call(engine, tenant, "PATCH", "Patient/pp", [{"op": "add", "path": "/gender", "value": 3}], content_type="application/json-patch+json")
+    with pytest.raises(BadRequest):
+        call(engine, tenant, "PATCH", "Patient/pp", [{"op": "replace", "path": "/id", "value": "other"}], content_type="application/json-patch+json")
+    with pytest.raises(NotFound):
+        call(engine, tenant, "PATCH", "Patient/none", json_patch, content_type="application/json-patch+json")
+    # conditional patch, and patch inside a transaction (Binary holding a JSON Patch)
+    call(engine, tenant, "PATCH", "Patient", [{"op": "add", "path": "/active", "value": True}],
+         content_type="application/json-patch+json", params=(("identifier", f"{MRN}|pp"),))
+    assert resource(call(engine, tenant, "GET", "Patient/pp"))["active"] is True
+    data = base64.b64encode(json.dumps([{"op": "replace", "path": "/active", "value": False}]).encode()).decode()
+    out = post(engine, tenant, bundle("transaction", {
+        "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": data},
+        "request": {"method": "PATCH", "url": "Patient/pp"}}))
+    assert out["entry"][0]["response"]["status"].startswith("200")
+    rename = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+        {"name": "type", "valueCode": "replace"}, {"name": "path", "valueString": "Patient.name[0].family"},
+        {"name": "value", "valueString": "InBundle"}]}]}
+    post(engine, tenant, bundle("transaction", {"resource": rename, "request": {"method": "PATCH", "url": f"Patient?identifier={MRN}|pp"}}))
+    final = resource(call(engine, tenant, "GET", "Patient/pp"))
+    assert final["active"] is False and final["name"][0]["family"] == "InBundle" and final["meta"]["versionId"] == "6"
+
+
+def test_bundle_limits_and_shape(engine: Engine, tenant: str) -> None:
+    with pytest.raises(BadRequest):
+        post(engine, tenant, {"resourceType": "Bundle", "type": "collection"})
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, bundle("transaction", *[{"request": {"method": "GET", "url": "metadata"}}] * (engine.settings.max_bundle_entries + 1)))
+    assert info.value.status == 413
+    with pytest.raises(FhirError) as info:  # one resource written twice
+        post(engine, tenant, bundle("transaction",
+                                    {"resource": pat("x", pid="same"), "request": {"method": "PUT", "url": "Patient/same"}},
+                                    {"resource": pat("y", pid="same"), "request": {"method": "PUT", "url": "Patient/same"}}))
+    assert info.value.status == 400 and "Bundle.entry[0]" in info.value.issues[0].diagnostics
+
+
+def test_absolute_full_urls_and_foreign_request_urls(engine: Engine, tenant: str) -> None:
+    """As in the R4 examples: entries named by absolute URLs of another server act on this one."""
+    out = post(engine, tenant, bundle(
+        "transaction",
+        {"fullUrl": "http://other.example/fhir/Patient/a2", "resource": pat("abs", pid="a2"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "urn:uuid:bbbbbbbb-0000-0000-0000-000000000001",
+         "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": "Patient/a2"}, "performer": [{"reference": "http://other.example/fhir/Patient/a2"}]},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"fullUrl": "http://hl7.org/fhir/us/sdc/ValueSet/vs1",
+         "resource": {"resourceType": "ValueSet", "id": "vs1", "url": "http://hl7.org/fhir/us/sdc/ValueSet/vs1", "status": "active"},
+         "request": {"method": "PUT", "url": "http://hl7.org/fhir/us/sdc/ValueSet/vs1"}},
+        {"fullUrl": "http://hl7.org/fhir/us/sdc/Questionnaire/q1",
+         "resource": {"resourceType": "Questionnaire", "id": "q1", "status": "active", "item": [
+             {"linkId": "1", "type": "choice", "answerValueSet": "http://hl7.org/fhir/us/sdc/ValueSet/vs1"}]},
+         "request": {"method": "PUT", "url": "http://hl7.org/fhir/us/sdc/Questionnaire/q1"}},
+    ))
+    patient_id = out["entry"][0]["response"]["location"].split("/")[1]
+    assert patient_id != "a2"  # create assigns the id
+    obs = resource(call(engine, tenant, "GET", out["entry"][1]["response"]["location"].rsplit("/_history", 1)[0]))
+    assert obs["subject"]["reference"] == obs["performer"][0]["reference"] == f"Patient/{patient_id}"
+    questionnaire = resource(call(engine, tenant, "GET", "Questionnaire/q1"))  # canonicals keep their meaning
+    assert questionnaire["item"][0]["answerValueSet"] == "http://hl7.org/fhir/us/sdc/ValueSet/vs1"
+    assert resource(call(engine, tenant, "GET", "ValueSet/vs1"))["url"] == "http://hl7.org/fhir/us/sdc/ValueSet/vs1"
+
+
+def test_operations_and_failed_preconditions_fail_the_transaction(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/keep", pat("keep", pid="keep"))
+    call(engine, tenant, "PUT", "Patient/other", pat("other", pid="other"))
+    for entry, status in (
+        ({"resource": {"resourceType": "Parameters"}, "request": {"method": "POST", "url": "CodeSystem/$lookup"}}, 404),
+        ({"resource": pat("v", pid="keep"), "request": {"method": "PUT", "url": "Patient/keep", "ifMatch": 'W/"7"'}}, 412),
+        ({"request": {"method": "PATCH", "url": f"Patient?identifier={MRN}|nobody"},
+          "resource": {"resourceType": "Parameters", "parameter": []}}, 404),
+    ):
+        with pytest.raises(FhirError) as info:
+            post(engine, tenant, bundle("transaction", {"request": {"method": "DELETE", "url": "Patient/other"}}, entry))
+        assert info.value.status == status and info.value.issues[0].diagnostics.startswith("Bundle.entry[1]")
+        assert resource(call(engine, tenant, "GET", "Patient/other"))["meta"]["versionId"] == "1"  # the DELETE rolled back
+        assert resource(call(engine, tenant, "GET", "Patient/keep"))["meta"]["versionId"] == "1"
+
+
+def test_a_transaction_updating_many_resources_checks_every_version_first(engine: Engine, tenant: str) -> None:
+    for i in range(4):
+        call(engine, tenant, "PUT", f"Patient/m{i}", pat(f"m{i}", "Before", f"m{i}"))
+    updates = [{"resource": pat(f"m{i}", "After", f"m{i}"), "request": {"method": "PUT", "url": f"Patient/m{i}", "ifMatch": 'W/"1"'}}
+               for i in range(4)]
+    stale = [dict(u) for u in updates]
+    stale[2] = {**updates[2], "request": {**updates[2]["request"], "ifMatch": 'W/"9"'}}
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, bundle("transaction", *stale))
+    assert info.value.status == 412 and info.value.issues[0].diagnostics.startswith("Bundle.entry[2]")
+    assert count(engine, tenant, "Patient", (("family", "After"),)) == 0
+    out = post(engine, tenant, bundle("transaction", *updates,
+                                      {"resource": pat("m9", "After"), "request": {"method": "POST", "url": "Patient"}}))
+    assert [e["response"]["etag"] for e in out["entry"]] == ['W/"2"'] * 4 + ['W/"1"']
+    assert count(engine, tenant, "Patient", (("family", "After"),)) == 5
+    assert count(engine, tenant, "Patient", (("family", "Before"),)) == 0  # the old index rows are gone
+    assert count(engine, tenant, "Patient", (("identifier", f"{MRN}|m3"),)) == 1
