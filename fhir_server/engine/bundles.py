@@ -1,40 +1,55 @@
 """Batch and transaction Bundles (``POST [base]``).
 
 A batch runs each entry as its own request through ``Engine.handle``: one failing entry does not
-stop the others. A transaction runs every write in ONE database transaction, in the order the
-specification gives (DELETE, POST, PUT/PATCH), after resolving every identity first: conditional
-creates, updates, deletes and patches are searched, ``urn:uuid:``/``urn:oid:`` full URLs are given
-server ids, conditional references (``Patient?identifier=...``) are resolved, and every reference to
-an entry is rewritten (in references, any other value equal to a full URL, and narrative links).
-Any failure rolls the whole transaction back and answers with that entry's error. Reads (GET, HEAD)
-run after the commit, so they see the transaction's writes.
+stop the others. A transaction checks and validates every entry first, then in ONE database
+transaction: takes the locks of every conditional criterion (in one global order), resolves every
+entry's identity in the order the specification gives (DELETE, POST, PUT/PATCH) -- conditional
+creates, updates, deletes and patches are searched, full URLs are given their targets --, locks the
+rows it will change (in key order), rewrites the references to entries and resolves conditional
+references, and writes. Any failure rolls everything back and answers with that entry's error,
+naming it (``Bundle.entry[n]``). Reads (GET, HEAD) run after the commit, so they see its writes.
+
+References are rewritten as http.html says, with one restriction: ``urn:uuid:``/``urn:oid:`` full
+URLs (bundle-local names, meaningless elsewhere) are replaced in ``Reference.reference``, in elements
+of type uri, url, oid and uuid, and in narrative ``href``/``src`` attributes; absolute full URLs (and
+the ``Type/id`` they end in) only in ``Reference.reference``, because an absolute full URL is often
+also a canonical URL (the R4 examples PUT ValueSets under their canonical URLs) that must keep its
+meaning. A ``urn:`` reference that names no entry fails the transaction.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from fhir_server.capability.registry import Element, Node
 from fhir_server.capability.validation import validate_resource
 from fhir_server.clock import instant, now_us, parse_http_date
 from fhir_server.engine import conditional, custom_params
 from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, RETURN_REPRESENTATION, FhirRequest, FhirResponse
+from fhir_server.engine.resources import check_id, parse_etag, remove, stamp, write_in
 from fhir_server.engine.storage_errors import storage_errors
-from fhir_server.engine.resources import check_id, parse_etag, remove, write_in, write_many_in
 from fhir_server.errors import BadRequest, FhirError, Issue, NotFound, PayloadTooLarge, PreconditionFailed, operation_outcome
 from fhir_server.fhirjson import RawJson
-from fhir_server.storage.repository import AlreadyExists, ResourceRepository, VersionConflict, VersionRecord
+from fhir_server.storage.repository import AlreadyExists, ResourceRepository, VersionConflict, VersionRecord, WriteItem
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
 
+log = logging.getLogger(__name__)
+
 METHODS = ("DELETE", "POST", "PUT", "PATCH", "GET", "HEAD")
-URN = re.compile(r"urn:(?:uuid|oid):[A-Za-z0-9.\-]+")
 ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+REQUEST_STRINGS = ("ifMatch", "ifNoneExist", "ifNoneMatch", "ifModifiedSince")
+URI_TYPES = frozenset({"uri", "url", "oid", "uuid"})  # canonical is not among them: it keeps its meaning
+LOCAL = ("urn:uuid:", "urn:oid:")
+NARRATIVE_LINK = re.compile(r"""(\b(?:href|src)\s*=\s*)(["'])(.*?)\2""", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass
@@ -50,7 +65,12 @@ class Entry:
     if_none_exist: str | None
     if_none_match: str | None
     if_modified_since: str | None
+    version: int | None = None  # ifMatch, parsed
+    criteria: list[tuple[str, str]] = field(default_factory=list)  # the conditional criteria it searches
+    patch: tuple[Any, str] | None = None  # a PATCH entry's document and its media type
     target: str | None = None  # "Type/id" once resolved
+    deletes: list[str] = field(default_factory=list)  # a (conditional) DELETE's targets
+    existing: bool = False  # a conditional create that matched: nothing is written
     warnings: list[Issue] = field(default_factory=list)
     response: dict[str, Any] = field(default_factory=dict)
 
@@ -100,15 +120,24 @@ def _entry(engine: Engine, req: FhirRequest, index: int, raw: Any) -> Entry:
         raise BadRequest(f"{where}.request.method must be one of {', '.join(METHODS)}", expression=f"{where}.request.method")
     if not isinstance(url, str) or not url:
         raise BadRequest(f"{where}.request.url is required", expression=f"{where}.request.url")
+    for name in REQUEST_STRINGS:
+        if request.get(name) is not None and not isinstance(request[name], str):
+            raise BadRequest(f"{where}.request.{name} must be a string", expression=f"{where}.request.{name}")
+    full_url = raw.get("fullUrl")
+    if full_url is not None and not isinstance(full_url, str):
+        raise BadRequest(f"{where}.fullUrl must be a string", expression=f"{where}.fullUrl")
     path, query = _target(engine, req, url)
     if path is None:
         raise BadRequest(f"{where}.request.url {url[:80]!r} names no resource type this server knows", expression=f"{where}.request.url")
+    if not path and method != "GET":
+        raise BadRequest(f"{where}: a Bundle entry cannot {method} to the base URL (no nested batches or transactions)",
+                         expression=f"{where}.request.url")
     if path and method not in ("GET", "HEAD") and not path[0].startswith("$") and not engine.registry.is_resource_type(path[0]):
         raise BadRequest(f"{where}.request.url names an unknown resource type {path[0][:64]!r}", expression=f"{where}.request.url")
-    full_url = raw.get("fullUrl") if isinstance(raw.get("fullUrl"), str) else None
     return Entry(
         index=index, method=method, url=url, full_url=full_url, resource=raw.get("resource"), path=path, query=query,
-        if_match=request.get("ifMatch"), if_none_exist=request.get("ifNoneExist"),
+        # ifMatch belongs to PUT, PATCH and DELETE; on a POST it means nothing (as other servers treat it)
+        if_match=request.get("ifMatch") if method != "POST" else None, if_none_exist=request.get("ifNoneExist"),
         if_none_match=request.get("ifNoneMatch"), if_modified_since=request.get("ifModifiedSince"),
     )
 
@@ -132,10 +161,10 @@ def _target(engine: Engine, req: FhirRequest, url: str) -> tuple[tuple[str, ...]
     return tuple(p for p in path_part.split("/") if p), query
 
 
-def _as_request(req: FhirRequest, e: Entry, body: Any = None) -> FhirRequest:
-    content_type = None
+def _as_request(engine: Engine, req: FhirRequest, e: Entry) -> FhirRequest:
+    content_type, body = None, None
     if e.method == "PATCH":
-        body, content_type = conditional.binary_patch(e.resource)
+        body, content_type = conditional.binary_patch(e.resource, engine.settings.max_json_depth)
     elif e.method in ("POST", "PUT"):
         body = e.resource
     return FhirRequest(
@@ -149,6 +178,22 @@ def _as_request(req: FhirRequest, e: Entry, body: Any = None) -> FhirRequest:
     )
 
 
+def _run(engine: Engine, req: FhirRequest, e: Entry) -> dict[str, Any]:
+    """One entry as a request of its own: its response entry, whatever happens."""
+    try:
+        return _from_response(req, engine.handle(_as_request(engine, req, e)), head=e.method == "HEAD")
+    except FhirError as exc:
+        return _error_entry(exc)
+    except Exception as exc:  # noqa: BLE001 - one entry's bug must not take the other entries' answers with it
+        log.exception("bundle entry failed", extra={"error_type": type(exc).__name__})
+        return _error_entry(FhirError("The server failed to process this entry; the incident has been logged",
+                                      status=500, code="exception"))
+
+
+def _error_entry(exc: FhirError) -> dict[str, Any]:
+    return {"response": {"status": _status(exc.status), "outcome": exc.operation_outcome()}}
+
+
 # --- batch ------------------------------------------------------------------------------------------
 
 def _batch(engine: Engine, req: FhirRequest, raw_entries: list[Any]) -> FhirResponse:
@@ -156,14 +201,14 @@ def _batch(engine: Engine, req: FhirRequest, raw_entries: list[Any]) -> FhirResp
     for i, raw in enumerate(raw_entries):
         try:
             e = _entry(engine, req, i, raw)
-            resp = engine.handle(_as_request(req, e))
-            out.append(_from_response(req, resp))
         except FhirError as exc:
-            out.append({"response": {"status": _status(exc.status), "outcome": exc.operation_outcome()}})
+            out.append(_error_entry(exc))
+            continue
+        out.append(_run(engine, req, e))
     return FhirResponse(200, _response_bundle("batch-response", out))
 
 
-def _from_response(req: FhirRequest, resp: FhirResponse) -> dict[str, Any]:
+def _from_response(req: FhirRequest, resp: FhirResponse, *, head: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {"status": _status(resp.status)}
     location = resp.headers.get("Location") or (resp.headers.get("Content-Location") if resp.status == 201 else None)
     if location:
@@ -178,7 +223,7 @@ def _from_response(req: FhirRequest, resp: FhirResponse) -> dict[str, Any]:
     body = resp.body
     if isinstance(body, dict) and body.get("resourceType") == "OperationOutcome":
         response["outcome"] = body
-    elif body is not None:
+    elif body is not None and not head:
         entry["resource"] = body
     entry["response"] = response
     return entry
@@ -192,30 +237,42 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
     jobs: list[int] = []
     current: Entry | None = None
     try:
+        names: dict[str, int] = {}
         for current in writes:  # before the unit of work: no lock is held while the entries are validated
-            _check(engine, current)
+            _check(engine, current, names)
+        current = None
         with storage_errors(req.tenant), engine.storage.session(req.tenant, write=True, exclusive=exclusive) as repo:
-            mapping, seen = Identities(), dict[str, int]()
+            conditional.lock_all_criteria(repo, [c for e in writes for c in e.criteria])
+            mapping = Identities()
             for current in writes:
-                _resolve_identity(engine, repo, current, mapping, seen)
+                _resolve_identity(engine, repo, current, mapping)
+            current = None
+            _check_overlaps(writes)
+            repo.lock_rows(sorted({(t.split("/", 1)[0], t.split("/", 1)[1]) for e in writes for t in _changes(e)}))
+            rewriter = _Rewriter(engine, repo, mapping)
             for current in writes:
-                if isinstance(current.resource, dict) and current.method in ("POST", "PUT"):
-                    current.resource = _rewrite(engine, repo, current.resource, mapping)
-            # Plain creates and updates go to storage together; the rest one by one, in the order DELETE,
-            # then (after the batch) SearchParameter writes, existing matches and PATCH.
-            batched = [e for e in writes if e.method in ("POST", "PUT") and e.rtype != "SearchParameter"
-                       and not e.response.get("existing")]
+                _rewrite_entry(rewriter, current)
+            # Plain creates and updates go to storage together; then, one by one, DELETE, and after the
+            # batch SearchParameter writes, conditional creates that matched, and PATCH.
+            batched = [e for e in writes if e.method in ("POST", "PUT") and e.rtype != "SearchParameter" and not e.existing]
             in_batch = {e.index for e in batched}
             for current in (e for e in writes if e.method == "DELETE"):
-                _collect(jobs, _execute(engine, repo, req, current))
+                jobs.extend(_delete(engine, repo, current))
+            items = []
+            for current in batched:
+                items.append(_write_item(engine, repo, current))
             current = None
             try:
-                _execute_many(engine, repo, req, batched)
+                records = repo.write_many(items) if items else []
             except (VersionConflict, AlreadyExists) as exc:  # naming the entry that failed
                 current = batched[exc.item] if exc.item is not None else None
                 raise
+            for e, result in zip(batched, records):
+                e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
             for current in (e for e in writes if e.method != "DELETE" and e.index not in in_batch):
-                _collect(jobs, _execute(engine, repo, req, current))
+                job = _execute(engine, repo, req, current)
+                if job is not None:
+                    jobs.append(job)
             current = None
     except FhirError as exc:
         if current is None:
@@ -225,15 +282,12 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
         engine.jobs.kick()
     for e in entries:
         if e.method in ("GET", "HEAD"):
-            try:
-                e.response = _from_response(req, engine.handle(_as_request(req, e)))
-            except FhirError as exc:
-                e.response = {"response": {"status": _status(exc.status), "outcome": exc.operation_outcome()}}
+            e.response = _run(engine, req, e)
     return FhirResponse(200, _response_bundle("transaction-response", [e.response for e in entries]))
 
 
-def _check(engine: Engine, e: Entry) -> None:
-    """What can be checked before anything is written: shapes, types, ids, the resources themselves."""
+def _check(engine: Engine, e: Entry, names: dict[str, int]) -> None:
+    """What can be checked before anything is written: shapes, types, ids, versions, the resources themselves."""
     where = e.where
     if not e.path:
         raise BadRequest(f"{where}: {e.method} needs a resource type in its url", expression=f"{where}.request.url")
@@ -249,7 +303,6 @@ def _check(engine: Engine, e: Entry) -> None:
         if e.resource.get("resourceType") != rtype:
             raise BadRequest(f"{where}: the resource is a {str(e.resource.get('resourceType'))[:40]}, the url a {rtype}",
                              expression=f"{where}.resource.resourceType")
-    if e.method in ("POST", "PUT"):
         e.warnings = validate_resource(engine.registry, e.resource, where=f"{where}.resource",
                                        missing_required=engine.settings.validate_required)
     if e.method == "POST" and len(e.path) != 1:
@@ -261,39 +314,101 @@ def _check(engine: Engine, e: Entry) -> None:
                 raise BadRequest(f"{where}: the resource id does not match the url {e.url[:80]!r}", expression=f"{where}.resource.id")
         elif len(e.path) != 1 or not e.query:
             raise BadRequest(f"{where}: {e.method} goes to [type]/[id] or [type]?[criteria]", expression=f"{where}.request.url")
-    if e.method == "PATCH" and e.resource is None:
-        raise BadRequest(f"{where}: PATCH needs a Parameters (FHIRPath Patch) or Binary (JSON Patch) resource", expression=f"{where}.resource")
+    if e.if_match is not None:
+        e.version = parse_etag(e.if_match, f"{where}.request.ifMatch")
+    if e.method == "PATCH":
+        if e.resource is None:
+            raise BadRequest(f"{where}: PATCH needs a Parameters (FHIRPath Patch) or Binary (JSON Patch) resource",
+                             expression=f"{where}.resource")
+        e.patch = conditional.binary_patch(e.resource, engine.settings.max_json_depth)
+    e.criteria = _criteria_of(e)
+    if e.full_url is not None and e.resource is not None:
+        key = _name_key(e.full_url)
+        if key in names:  # bdl-7
+            raise BadRequest(f"{where}: fullUrl {e.full_url[:100]!r} is also Bundle.entry[{names[key]}]'s; each entry "
+                             "needs its own", expression=f"{where}.fullUrl")
+        names[key] = e.index
+
+
+def _name_key(url: str) -> str:
+    """Full URLs compared as the URIs they are: a UUID's hexadecimal digits in either case."""
+    return url.lower() if url[:9].lower() == "urn:uuid:" else url
 
 
 @dataclass
 class Identities:
     """What references to the bundle's entries become.
 
-    ``anywhere``: ``urn:uuid:``/``urn:oid:`` full URLs, which mean nothing outside the bundle, are
-    replaced wherever a value equals one (references, attachment urls, extensions) and in narrative
-    links. ``references``: absolute full URLs, and the ``Type/id`` they end in, are replaced only in
-    ``reference`` elements; elsewhere (canonical URLs above all) they keep their meaning.
+    ``local``: ``urn:uuid:``/``urn:oid:`` full URLs (keys as ``_name_key`` gives them); ``absolute``:
+    absolute full URLs and the ``Type/id`` they end in (references only); ``matched``: conditional
+    criteria (type, normalised query) already resolved in this transaction, so an entry's conditional
+    create and a conditional reference to what it creates agree.
     """
 
-    anywhere: dict[str, str] = field(default_factory=dict)
-    references: dict[str, str] = field(default_factory=dict)
+    local: dict[str, str] = field(default_factory=dict)
+    absolute: dict[str, str] = field(default_factory=dict)
+    matched: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
-def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mapping: Identities, seen: dict[str, int]) -> None:
-    """The entry's target, and what references to its full URL become; ``seen``: the targets so far, by entry."""
+def _criteria_of(e: Entry) -> list[tuple[str, str]]:
+    """The conditional criteria an entry searches (its own, and its resource's conditional references)."""
+    out = []
+    if e.method == "POST" and e.if_none_exist:
+        out.append((e.rtype, conditional._criteria(e.if_none_exist, e.rtype)))
+    elif e.method in ("PUT", "DELETE", "PATCH") and len(e.path) == 1:
+        out.append((e.rtype, e.query))
+    source = e.patch[0] if e.patch is not None else e.resource if e.method in ("POST", "PUT") else None
+    if source is not None:
+        for ref in _conditional_references(source):
+            rtype, _, query = ref.partition("?")
+            out.append((rtype, query))
+    return out
+
+
+def _conditional_references(value: Any) -> list[str]:
+    found: list[str] = []
+
+    def walk(v: Any, key: str | None) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, k)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x, key)
+        elif key == "reference" and isinstance(v, str) and _is_conditional(v):
+            found.append(v)
+
+    walk(value, None)
+    return found
+
+
+def _is_conditional(reference: str) -> bool:
+    return "?" in reference and not reference.startswith(("#", "http://", "https://", "urn:"))
+
+
+def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mapping: Identities) -> None:
+    """The entry's target (or, for DELETE, targets), and what references to its full URL become."""
     rtype = e.rtype
     if e.method == "POST":
         if e.if_none_exist:
-            found = conditional.matches(engine, repo, rtype, conditional._criteria(e.if_none_exist, rtype))
-            if len(found) > 1:
-                raise PreconditionFailed(f"ifNoneExist matches {len(found)} or more {rtype} resources", expression="ifNoneExist")
-            if found:
-                e.target = f"{rtype}/{found[0]}"
-                e.response = {"existing": True}
-        if e.target is None:
+            criteria = (rtype, conditional.normal_criteria(conditional._criteria(e.if_none_exist, rtype)))
+            if criteria in mapping.matched:  # the same conditional create earlier in this Bundle
+                e.target, e.existing = mapping.matched[criteria], True
+            else:
+                found = conditional.matches(engine, repo, rtype, criteria[1])
+                if len(found) > 1:
+                    raise PreconditionFailed(f"ifNoneExist matches {len(found)} or more {rtype} resources", expression="request.ifNoneExist")
+                if found:
+                    e.target, e.existing = f"{rtype}/{found[0]}", True
+                else:
+                    e.target = f"{rtype}/{uuid.uuid4()}"
+                mapping.matched[criteria] = e.target
+        else:
             e.target = f"{rtype}/{uuid.uuid4()}"
     elif len(e.path) == 2:
         e.target = f"{rtype}/{e.path[1]}"
+        if e.method == "DELETE":
+            e.deletes = [e.path[1]]
     elif e.method == "PUT":
         found = conditional.matches(engine, repo, rtype, e.query)
         if len(found) > 1:
@@ -302,86 +417,200 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
         if found and body_id is not None and body_id != found[0]:
             raise BadRequest("The resource id is not the id of the resource the criteria match", expression="resource.id")
         e.target = f"{rtype}/{found[0] if found else (check_id(str(body_id)) if body_id else uuid.uuid4())}"
-    elif e.method in ("DELETE", "PATCH"):
+        mapping.matched.setdefault((rtype, conditional.normal_criteria(e.query)), e.target)
+    elif e.method == "DELETE":
+        e.deletes = conditional.delete_targets(engine, repo, rtype, e.query)
+    else:  # conditional PATCH
         found = conditional.matches(engine, repo, rtype, e.query)
         if len(found) > 1:
-            raise PreconditionFailed(f"The conditional {e.method.lower()} matches {len(found)} or more {rtype} resources",
-                                     expression="request.url")
-        if not found and e.method == "PATCH":
+            raise PreconditionFailed(f"The conditional patch matches {len(found)} or more {rtype} resources", expression="request.url")
+        if not found:
             raise FhirError(f"No {rtype} matches the conditional patch's criteria", status=404, code="not-found")
-        e.target = f"{rtype}/{found[0]}" if found else None
-    if e.target is not None and not e.response.get("existing"):
-        if e.target in seen:
-            raise BadRequest(
-                f"{e.target} is written by two entries (Bundle.entry[{seen[e.target]}] and this one); a transaction "
-                "changes each resource once", code="business-rule")
-        seen[e.target] = e.index
+        e.target = f"{rtype}/{found[0]}"
     if e.full_url and e.target:
-        if e.full_url.startswith("urn:"):
-            mapping.anywhere[e.full_url] = e.target
+        if e.full_url.startswith(LOCAL) or _name_key(e.full_url).startswith(LOCAL):
+            mapping.local[_name_key(e.full_url)] = e.target
         elif "://" in e.full_url and "/_history/" not in e.full_url:
-            mapping.references[e.full_url.rstrip("/")] = e.target
-            # A relative "Type/id" means the entry whose full URL ends in it (Bundle references rules).
+            mapping.absolute[e.full_url.rstrip("/")] = e.target
+            # A relative "Type/id" means the entry whose full URL ends in it (as other servers read it).
             tail = e.full_url.rstrip("/").rsplit("/", 2)[-2:]
             if len(tail) == 2 and tail[0] == rtype:
-                mapping.references.setdefault(f"{tail[0]}/{tail[1]}", e.target)
+                mapping.absolute.setdefault(f"{tail[0]}/{tail[1]}", e.target)
 
 
-def _rewrite(engine: Engine, repo: ResourceRepository, resource: dict[str, Any], mapping: Identities) -> dict[str, Any]:
-    """References to other entries become "Type/id"; conditional references are searched (exactly one match)."""
-    def walk(value: Any, key: str | None) -> Any:
-        if isinstance(value, dict):
-            return {k: walk(v, k) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v, key) for v in value]
-        if isinstance(value, str):
-            if value in mapping.anywhere:
-                return mapping.anywhere[value]
-            if key == "reference":
-                if value in mapping.references:
-                    return mapping.references[value]
-                if "?" in value and not value.startswith(("#", "http://", "https://", "urn:")):
-                    return _conditional_reference(engine, repo, value)
-            if key == "div" and mapping.anywhere and "urn:" in value:
-                return URN.sub(lambda m: mapping.anywhere.get(m.group(0), m.group(0)), value)
+def _changes(e: Entry) -> list[str]:
+    """The resources ("Type/id") an entry changes."""
+    if e.method == "DELETE":
+        return [f"{e.rtype}/{rid}" for rid in e.deletes]
+    if e.existing or e.target is None:
+        return []
+    return [e.target]
+
+
+def _check_overlaps(writes: list[Entry]) -> None:
+    """Each resource is changed by one entry, and nothing else in the Bundle names one it deletes (http.html)."""
+    changed: dict[str, Entry] = {}
+    for e in writes:
+        for target in _changes(e):
+            if target in changed:
+                first = changed[target]
+                raise FhirError(
+                    f"{e.where}: {target} is also changed by {first.where}; a transaction changes each resource once",
+                    status=400, code="business-rule", expression=e.where)
+            changed[target] = e
+    for e in writes:
+        # A conditional create that matched names a resource; another entry may not change it, unless it is
+        # the same conditional create earlier in the Bundle (which created it).
+        if e.existing and e.target in changed and changed[e.target].method != "POST":
+            raise FhirError(
+                f"{e.where}: its ifNoneExist matches {e.target}, which {changed[e.target].where} changes",
+                status=400, code="business-rule", expression=e.where)
+
+
+class _Rewriter:
+    """Rewrites the references of one resource, walking it with the R4 definitions (see the module doc)."""
+
+    def __init__(self, engine: Engine, repo: ResourceRepository, mapping: Identities) -> None:
+        self.engine = engine
+        self.registry = engine.registry
+        self.repo = repo
+        self.mapping = mapping
+        self.reference_node = self.registry.types["Reference"].root
+        self.element_node = self.registry.types["Element"].root
+
+    def resource(self, value: Any, path: str) -> Any:
+        rtype = value.get("resourceType") if isinstance(value, dict) else None
+        if not isinstance(rtype, str) or not self.registry.is_resource_type(rtype):
             return value
+        return self.obj(value, self.registry.types[rtype].root, path)
+
+    def obj(self, value: dict[str, Any], node: Node, path: str) -> dict[str, Any]:
+        out = {}
+        for key, v in value.items():
+            element = node.keys.get(key)
+            if element is None:
+                out[key] = v
+            elif key.startswith("_") and element.primitive is not None:  # a primitive's id and extensions
+                out[key] = self.each(v, path + "." + key, lambda x, p: self.obj(x, self.element_node, p) if isinstance(x, dict) else x)
+            else:
+                out[key] = self.each(v, path + "." + key, lambda x, p, el=element: self.value(x, el, p))  # type: ignore[misc]
+        return out
+
+    @staticmethod
+    def each(v: Any, path: str, fn: Callable[[Any, str], Any]) -> Any:
+        if isinstance(v, list):
+            return [fn(x, f"{path}[{i}]") for i, x in enumerate(v)]
+        return fn(v, path)
+
+    def value(self, v: Any, element: Element, path: str) -> Any:
+        if element.is_resource:
+            return self.resource(v, path)
+        if element.primitive is not None:
+            if element.type_code in URI_TYPES and isinstance(v, str):
+                return self.mapping.local.get(_name_key(v), v)
+            return v
+        if not isinstance(v, dict):
+            return v
+        if element.type_code == "Reference":
+            out = self.obj(v, self.reference_node, path)
+            if isinstance(out.get("reference"), str):
+                out["reference"] = self.reference(out["reference"], path + ".reference")
+            return out
+        if element.type_code == "Narrative" and isinstance(v.get("div"), str) and self.mapping.local:
+            return {**v, "div": NARRATIVE_LINK.sub(self._link, v["div"])}
+        if element.target is not None:
+            return self.obj(v, self.registry.node(*element.target), path)
+        return v
+
+    def _link(self, m: re.Match[str]) -> str:
+        target = self.mapping.local.get(_name_key(m.group(3)))
+        return m.group(0) if target is None else f"{m.group(1)}{m.group(2)}{target}{m.group(2)}"
+
+    def reference(self, ref: str, path: str) -> str:
+        key = _name_key(ref)
+        if key in self.mapping.local:
+            return self.mapping.local[key]
+        if ref in self.mapping.absolute:
+            return self.mapping.absolute[ref]
+        if key.startswith(LOCAL):
+            raise BadRequest(f"The reference {ref[:100]!r} names no entry of this Bundle", expression=path)
+        if _is_conditional(ref):
+            return self.conditional(ref, path)
+        return ref
+
+    def conditional(self, reference: str, path: str) -> str:
+        rtype, _, query = reference.partition("?")
+        if not self.registry.is_resource_type(rtype):
+            raise BadRequest(f"The conditional reference {reference[:80]!r} names an unknown resource type", expression=path)
+        known = self.mapping.matched.get((rtype, conditional.normal_criteria(query)))
+        if known is not None:
+            return known
+        found = conditional.matches(self.engine, self.repo, rtype, query)
+        if len(found) != 1:
+            raise PreconditionFailed(
+                f"The conditional reference {reference[:120]!r} matches {'no' if not found else 'more than one'} {rtype}; "
+                "it must match one", expression=path,
+            )
+        return f"{rtype}/{found[0]}"
+
+    def untyped(self, value: Any, path: str) -> Any:
+        """A JSON Patch document's values: no definitions to walk by, so "reference" keys and local names."""
+        if isinstance(value, dict):
+            return {k: (self.reference(v, f"{path}.{k}") if k == "reference" and isinstance(v, str) else self.untyped(v, f"{path}.{k}"))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.untyped(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str) and _name_key(value).startswith(LOCAL):
+            return self.mapping.local.get(_name_key(value), value)
         return value
 
-    rewritten: dict[str, Any] = walk(resource, None)
-    return rewritten
+
+def _rewrite_entry(rewriter: _Rewriter, e: Entry) -> None:
+    if e.method in ("POST", "PUT") and not e.existing:
+        e.resource = rewriter.resource(e.resource, f"{e.where}.resource")
+    elif e.method == "PATCH" and e.patch is not None:
+        document, media = e.patch
+        if media == conditional.JSON_PATCH:
+            e.patch = (rewriter.untyped(document, f"{e.where}.resource.data"), media)
+        else:
+            e.patch = (rewriter.resource(document, f"{e.where}.resource"), media)
 
 
-def _conditional_reference(engine: Engine, repo: ResourceRepository, reference: str) -> str:
-    rtype, _, query = reference.partition("?")
-    if not engine.registry.is_resource_type(rtype):
-        raise BadRequest(f"The conditional reference {reference[:80]!r} names an unknown resource type", expression="reference")
-    found = conditional.matches(engine, repo, rtype, query)
-    if len(found) != 1:
-        raise PreconditionFailed(
-            f"The conditional reference {reference[:120]!r} matches {'no' if not found else 'more than one'} {rtype}; it must match one",
-            expression="reference",
-        )
-    return f"{rtype}/{found[0]}"
+def _write_item(engine: Engine, repo: ResourceRepository, e: Entry) -> WriteItem:
+    """A plain create or update, ready for ``write_many`` (its index extracted)."""
+    assert e.target is not None
+    rid = e.target.split("/", 1)[1]
+    body = dict(e.resource)
+    if e.method == "PUT":
+        body["id"] = rid
+    index = engine.contexts.for_repo(repo).extractor.extract(body, local_path=f"/fhir/{repo.tenant.name}/")
+    return WriteItem(e.rtype, rid, lambda version, last_updated: stamp(body, rid, version, last_updated), e.method,
+                     index, e.version, create_only=e.method == "POST")
+
+
+def _delete(engine: Engine, repo: ResourceRepository, e: Entry) -> list[int]:
+    jobs, etag = [], None
+    for rid in e.deletes:
+        rec, job = remove(engine, repo, e.rtype, rid, if_match=e.version)
+        if rec is not None:
+            etag = f'W/"{rec.version}"'
+        if job is not None:
+            jobs.append(job)
+    e.response = {"response": {"status": _status(204), **({"etag": etag} if etag and len(e.deletes) == 1 else {})}}
+    return jobs
 
 
 def _execute(engine: Engine, repo: ResourceRepository, req: FhirRequest, e: Entry) -> int | None:
+    """One write that does not go with the batch: PATCH, a matched conditional create, a SearchParameter."""
     rtype = e.rtype
-    if_match = parse_etag(e.if_match, "ifMatch") if e.if_match else None
-    if e.method == "DELETE":
-        if e.target is None:
-            e.response = {"response": {"status": _status(204)}}
-            return None
-        rec, job = remove(engine, repo, rtype, e.target.split("/", 1)[1], if_match=if_match)
-        e.response = {"response": {"status": _status(204), **({"etag": f'W/"{rec.version}"'} if rec else {})}}
-        return job
     assert e.target is not None
     rid = e.target.split("/", 1)[1]
     if e.method == "PATCH":
-        document, content_type = conditional.binary_patch(e.resource)
-        result, _, job = conditional.patch_in(engine, repo, rtype, rid, document, content_type, if_match)
+        assert e.patch is not None
+        result, _, job = conditional.patch_in(engine, repo, rtype, rid, e.patch[0], e.patch[1], e.version)
         e.response = _written(req, result.record, 200)
         return job
-    if e.method == "POST" and e.response.get("existing"):
+    if e.existing:
         existing = repo.read(rtype, rid)
         assert existing is not None
         e.response = _written(req, existing, 200)
@@ -390,31 +619,10 @@ def _execute(engine: Engine, repo: ResourceRepository, req: FhirRequest, e: Entr
     if e.method == "PUT":
         body["id"] = rid
     definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
-    result, job = write_in(engine, repo, rtype, rid, body, method=e.method, if_match=if_match,
+    result, job = write_in(engine, repo, rtype, rid, body, method=e.method, if_match=e.version,
                            create_only=e.method == "POST", definition=definition)
     e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
     return job
-
-
-def _execute_many(engine: Engine, repo: ResourceRepository, req: FhirRequest, batch: list[Entry]) -> None:
-    """The plain creates and updates (no SearchParameter), written together."""
-    if not batch:
-        return
-    writes = []
-    for e in batch:
-        assert e.target is not None
-        rid = e.target.split("/", 1)[1]
-        body = dict(e.resource)
-        if e.method == "PUT":
-            body["id"] = rid
-        writes.append((e.rtype, rid, body, e.method, parse_etag(e.if_match, "ifMatch") if e.if_match else None))
-    for e, result in zip(batch, write_many_in(engine, repo, writes)):
-        e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
-
-
-def _collect(jobs: list[int], job: int | None) -> None:
-    if job is not None:
-        jobs.append(job)
 
 
 def _written(req: FhirRequest, rec: VersionRecord, status: int, warnings: list[Issue] | None = None) -> dict[str, Any]:
@@ -435,13 +643,14 @@ def _written(req: FhirRequest, rec: VersionRecord, status: int, warnings: list[I
 
 
 def _entry_error(e: Entry, exc: FhirError) -> FhirError:
-    """The failing entry's error, saying which entry it was."""
+    """The failing entry's error, saying which entry it was (and without headers meant for single requests)."""
     issues = [
-        Issue(f"{e.where} ({e.method} {e.url[:120]}): {i.diagnostics}", i.code, i.severity,
+        Issue(i.diagnostics if i.diagnostics.startswith(e.where) else f"{e.where} ({e.method} {e.url[:120]}): {i.diagnostics}",
+              i.code, i.severity,
               tuple(x if x.startswith("Bundle.") else f"{e.where}.{x}" for x in i.expression) or (e.where,))
         for i in exc.issues
     ]
-    return FhirError(issues=issues, status=exc.status, code=exc.code, headers=exc.headers)
+    return FhirError(issues=issues, status=exc.status, code=exc.code)
 
 
 def _response_bundle(kind: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -453,4 +662,3 @@ def _status(code: int) -> str:
         return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
         return str(code)
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import uuid
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
@@ -42,13 +41,30 @@ if TYPE_CHECKING:
 JSON_PATCH = "application/json-patch+json"
 
 
+def normal_criteria(query: str) -> str:
+    """Search criteria in one form (parameters sorted), so equal criteria compare (and lock) equal."""
+    return urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
+
+
 def lock_criteria(repo: ResourceRepository, rtype: str, query: str) -> None:
     """Serialise the transactions that act on the same conditional criteria (until they end)."""
-    if repo.conn.dialect.name != "postgresql":
+    lock_all_criteria(repo, [(rtype, query)])
+
+
+def lock_all_criteria(repo: ResourceRepository, criteria: list[tuple[str, str]]) -> None:
+    """Take the criteria locks of a unit of work, in one global order (so two of them cannot deadlock).
+
+    PostgreSQL advisory transaction locks, keyed by tenant, type and the normalised criteria; taking one
+    already held is a no-op. SQLite has one writer at a time: nothing to do.
+    """
+    if repo.conn.dialect.name != "postgresql" or not criteria:
         return
-    normal = urlencode(sorted(parse_qsl(query, keep_blank_values=True)))
-    digest = hashlib.sha256(f"{repo.tenant.id}\x00{rtype}\x00{normal}".encode()).digest()
-    repo.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int.from_bytes(digest[:8], "big", signed=True)})
+    keys = set()
+    for rtype, query in criteria:
+        digest = hashlib.sha256(f"{repo.tenant.id}\x00{rtype}\x00{normal_criteria(query)}".encode()).digest()
+        keys.add(int.from_bytes(digest[:8], "big", signed=True))
+    for key in sorted(keys):
+        repo.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 def matches(engine: Engine, repo: ResourceRepository, rtype: str, query: str, limit: int = 2) -> list[str]:
@@ -126,7 +142,8 @@ def update(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
 
 # --- conditional delete --------------------------------------------------------------------------
 
-def delete_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str) -> tuple[list[VersionRecord], int | None]:
+def delete_targets(engine: Engine, repo: ResourceRepository, rtype: str, query: str) -> list[str]:
+    """The ids a conditional delete removes (412 when it matches more than the settings allow)."""
     multiple = engine.settings.conditional_delete == "multiple"
     limit = engine.settings.max_conditional_delete if multiple else 1
     found = matches(engine, repo, rtype, query, limit=limit + 1)
@@ -140,8 +157,12 @@ def delete_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str) 
             "(FHIR_CONDITIONAL_DELETE=single)",
             expression="query",
         )
+    return found
+
+
+def delete_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str) -> tuple[list[VersionRecord], int | None]:
     deleted, job = [], None
-    for rid in found:
+    for rid in delete_targets(engine, repo, rtype, query):
         rec, j = remove(engine, repo, rtype, rid)
         job = job or j
         if rec is not None:
@@ -216,15 +237,27 @@ def patch(engine: Engine, req: FhirRequest, rtype: str, rid: str | None) -> Fhir
     return write_response(req, rec, 200, version_headers(engine, req, rec), warnings, f"Patched {rtype}/{rid} to version {rec.version}")
 
 
-def binary_patch(resource: Any) -> tuple[Any, str]:
+def binary_patch(resource: Any, max_depth: int) -> tuple[Any, str]:
     """A PATCH entry in a Bundle: a Parameters resource (FHIRPath Patch) or a Binary holding a JSON Patch."""
     if isinstance(resource, dict) and resource.get("resourceType") == "Binary":
-        if resource.get("contentType", "").split(";")[0].strip() != JSON_PATCH:
-            raise BadRequest("A Binary patch must have contentType application/json-patch+json", expression="Binary.contentType")
+        content_type = resource.get("contentType")
+        if not isinstance(content_type, str) or content_type.split(";")[0].strip().lower() != JSON_PATCH:
+            raise BadRequest("A Binary patch must have contentType application/json-patch+json", expression="resource.contentType")
+        data = resource.get("data")
+        if not isinstance(data, str):
+            raise BadRequest("A Binary patch needs its JSON Patch document, base64-encoded, in data", expression="resource.data")
         try:
-            return json.loads(base64.b64decode(resource.get("data", ""), validate=True)), JSON_PATCH
+            raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            raise BadRequest("The Binary patch's data is not base64 of a JSON Patch document", expression="Binary.data") from None
+            raise BadRequest("The Binary patch's data is not base64", expression="resource.data") from None
+        try:
+            return fhirjson.parse(raw, max_depth=max_depth), JSON_PATCH
+        except BadRequest as exc:
+            raise BadRequest(f"The Binary patch's data is not a JSON document: {exc.issues[0].diagnostics}",
+                             expression="resource.data") from None
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Parameters":
+        raise BadRequest("A PATCH entry's resource is a Parameters (FHIRPath Patch) or a Binary (JSON Patch)",
+                         expression="resource.resourceType")
     return resource, "application/fhir+json"
 
 

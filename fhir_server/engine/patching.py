@@ -19,7 +19,8 @@ from typing import Any
 import jsonpatch
 import jsonpointer
 
-from fhir_server.capability.registry import Registry
+from fhir_server.capability.registry import Element, Node, Registry
+from fhir_server.capability.validation import validate_resource
 from fhir_server.errors import BadRequest, Unprocessable
 
 OPERATIONS = {"add", "insert", "delete", "replace", "move"}
@@ -43,17 +44,24 @@ def apply_json_patch(resource: dict[str, Any], patch: Any) -> dict[str, Any]:
 
 @dataclass
 class _Loc:
-    """Where a value sits: parent[key], or parent[key][index] for an item of a repeating element."""
+    """Where a value sits: parent[key], or parent[key][index] for an item of a repeating element.
+
+    ``node`` describes ``value`` when it is an object, ``owner`` describes ``parent`` (registry nodes,
+    None where the definitions do not say).
+    """
 
     parent: dict[str, Any] | None
     key: str | None
     index: int | None
     value: Any
+    node: Node | None = None
+    owner: Node | None = None
 
 
 def apply_fhirpath_patch(registry: Registry, resource: dict[str, Any], parameters: Any) -> dict[str, Any]:
     if not isinstance(parameters, dict) or parameters.get("resourceType") != "Parameters":
         raise BadRequest("A FHIRPath Patch is a Parameters resource of 'operation' parameters", code="structure")
+    validate_resource(registry, parameters, missing_required="warning")  # the shape: parameter[], part[], name, value[x]
     result = copy.deepcopy(resource)
     for n, param in enumerate(parameters.get("parameter") or []):
         where = f"Parameters.parameter[{n}]"
@@ -91,17 +99,20 @@ class _PathError(ValueError):
 
 
 def _apply(registry: Registry, resource: dict[str, Any], op: str, path: str, parts: dict[str, Any], where: str) -> None:
-    targets = _evaluate(resource, path)
+    targets = _evaluate(registry, resource, path)
     if op == "add":
         name = _primitive(parts.get("name"))
         if not isinstance(name, str) or not name:
             raise _PathError("add needs a name")
         if len(targets) != 1 or not isinstance(targets[0].value, dict):
             raise Unprocessable(f"{where}: no single element at {path} to add {name} to", expression=where)
-        container = targets[0].value
+        container, node = targets[0].value, targets[0].node
         value, type_code = _value(parts.get("value"), where)
-        key = _key_for(registry, container, resource, targets[0], name, type_code)
-        if _repeats(registry, resource, targets[0], name):
+        key = name
+        if node is not None and name in node.choices and type_code:
+            key = name + type_code[0].upper() + type_code[1:]
+        element = node.keys.get(key) if node is not None else None
+        if element.is_array if element is not None else isinstance(container.get(key), list):
             container.setdefault(key, []).append(value)
         else:
             container[key] = value
@@ -110,7 +121,7 @@ def _apply(registry: Registry, resource: dict[str, Any], op: str, path: str, par
         index = _primitive(parts.get("index"))
         if not isinstance(index, int) or isinstance(index, bool):
             raise _PathError("insert needs an integer index")
-        items, owner = _collection(resource, path, targets)
+        items, owner = _collection(registry, resource, path, targets)
         if not 0 <= index <= len(items):
             raise Unprocessable(f"{where}: index {index} is outside the list at {path} (0..{len(items)})", expression=where)
         value, _ = _value(parts.get("value"), where)
@@ -121,7 +132,7 @@ def _apply(registry: Registry, resource: dict[str, Any], op: str, path: str, par
         source, destination = _primitive(parts.get("source")), _primitive(parts.get("destination"))
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in (source, destination)):
             raise _PathError("move needs integer source and destination")
-        items, owner = _collection(resource, path, targets)
+        items, owner = _collection(registry, resource, path, targets)
         if not (0 <= source < len(items) and 0 <= destination < len(items)):
             raise Unprocessable(f"{where}: source or destination outside the list at {path}", expression=where)
         items.insert(destination, items.pop(source))
@@ -137,29 +148,46 @@ def _apply(registry: Registry, resource: dict[str, Any], op: str, path: str, par
     # replace
     if len(targets) != 1:
         raise Unprocessable(f"{where}: {path} matches {len(targets)} elements; replace takes exactly one", expression=where)
-    value, _ = _value(parts.get("value"), where)
+    value, type_code = _value(parts.get("value"), where)
     t = targets[0]
-    if t.parent is None:
+    if t.parent is None or t.key is None:
         raise Unprocessable(f"{where}: the resource itself cannot be replaced", expression=where)
+    element = t.owner.keys.get(t.key) if t.owner is not None else None
+    if t.index is None and element is not None and element.choice and type_code:
+        # value[x]: a value of another type replaces the element under that type's key
+        key = element.name + type_code[0].upper() + type_code[1:]
+        if key != t.key:
+            _remove(t)
+            t.parent[key] = value
+            return
     if t.index is None:
-        t.parent[t.key] = value  # type: ignore[index]
+        t.parent[t.key] = value
     else:
-        t.parent[t.key][t.index] = value  # type: ignore[index]
+        t.parent[t.key][t.index] = value
 
 
 def _remove(t: _Loc) -> None:
+    """Delete the value at ``t`` (and its primitive extensions, kept in the "_key" sibling)."""
     if t.parent is None or t.key is None:
         raise _PathError("the resource itself cannot be deleted by a patch")
+    sibling = "_" + t.key
     if t.index is None:
         del t.parent[t.key]
-    else:
-        items = t.parent[t.key]
-        del items[t.index]
-        if not items:
-            del t.parent[t.key]
+        t.parent.pop(sibling, None)
+        return
+    items = t.parent[t.key]
+    del items[t.index]
+    extensions = t.parent.get(sibling)
+    if isinstance(extensions, list) and t.index < len(extensions):
+        del extensions[t.index]
+        if not any(x is not None for x in extensions):
+            del t.parent[sibling]
+    if not items:
+        del t.parent[t.key]
+        t.parent.pop(sibling, None)
 
 
-def _collection(resource: dict[str, Any], path: str, targets: list[_Loc]) -> tuple[list[Any], Any]:
+def _collection(registry: Registry, resource: dict[str, Any], path: str, targets: list[_Loc]) -> tuple[list[Any], Any]:
     """The list a path names (all its items share one parent and key), and a callback that tidies up."""
     if targets:
         parents = {(id(t.parent), t.key) for t in targets}
@@ -170,7 +198,7 @@ def _collection(resource: dict[str, Any], path: str, targets: list[_Loc]) -> tup
         return parent[key], lambda: None
     # An empty list: find its owner (the path without its last name).
     head, _, name = path.rpartition(".")
-    owners = _evaluate(resource, head) if head else []
+    owners = _evaluate(registry, resource, head) if head else []
     if len(owners) != 1 or not isinstance(owners[0].value, dict):
         raise _PathError(f"nothing at {path}")
     container = owners[0].value
@@ -187,12 +215,12 @@ _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(\[(\d+)\])?")
 _WHERE = re.compile(r"where\(\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*'([^']*)'\s*\)")
 
 
-def _evaluate(resource: dict[str, Any], path: str) -> list[_Loc]:
+def _evaluate(registry: Registry, resource: dict[str, Any], path: str) -> list[_Loc]:
     """The locations a patch path selects (FHIRPath subset: names, [n], first(), where(a = 'x'))."""
     steps = _split(path)
     if not steps or steps[0] != resource.get("resourceType"):
         raise _PathError(f"the path must start with {resource.get('resourceType')}")
-    current = [_Loc(None, None, None, resource)]
+    current = [_Loc(None, None, None, resource, _resource_node(registry, resource))]
     for step in steps[1:]:
         if step == "first()":
             current = current[:1]
@@ -210,19 +238,33 @@ def _evaluate(resource: dict[str, Any], path: str) -> list[_Loc]:
         for loc in current:
             if not isinstance(loc.value, dict):
                 continue
-            key = name if name in loc.value else next((k for k in loc.value if _is_choice_of(k, name)), None)
+            key: str | None = name if name in loc.value else None
+            if key is None and loc.node is not None and name in loc.node.choices:  # value[x]: valueString, ...
+                key = next((k for k in loc.node.choices[name] if k in loc.value), None)
             if key is None:
                 continue
             value = loc.value[key]
-            if isinstance(value, list):
-                found.extend(_Loc(loc.value, key, i, v) for i, v in enumerate(value))
-            else:
-                found.append(_Loc(loc.value, key, None, value))
+            element = loc.node.keys.get(key) if loc.node is not None else None
+            for i, item in (enumerate(value) if isinstance(value, list) else [(None, value)]):
+                found.append(_Loc(loc.value, key, i, item, _child_node(registry, element, item), loc.node))
         if index is not None:
             i = int(index)
             found = found[i : i + 1]
         current = found
     return current
+
+
+def _resource_node(registry: Registry, resource: Any) -> Node | None:
+    definition = registry.types.get(resource.get("resourceType", "")) if isinstance(resource, dict) else None
+    return definition.root if definition is not None else None
+
+
+def _child_node(registry: Registry, element: Element | None, value: Any) -> Node | None:
+    if element is None or not isinstance(value, dict):
+        return None
+    if element.is_resource:
+        return _resource_node(registry, value)
+    return registry.node(*element.target) if element.target is not None else None
 
 
 def _split(path: str) -> list[str]:
@@ -237,10 +279,6 @@ def _split(path: str) -> list[str]:
             start = i + 1
     steps.append(path[start:])
     return [s.strip() for s in steps if s.strip()]
-
-
-def _is_choice_of(key: str, name: str) -> bool:
-    return key.startswith(name) and len(key) > len(name) and key[len(name)].isupper()
 
 
 def _values_at(value: Any, path: list[str]) -> list[Any]:
@@ -285,49 +323,3 @@ def _value(part: dict[str, Any] | None, where: str) -> tuple[Any, str | None]:
                 obj[name] = value
         return obj, None
     raise BadRequest(f"{where}: the operation needs a value", expression=where)
-
-
-def _node_of(registry: Registry, resource: dict[str, Any], loc: _Loc) -> Any:
-    """The registry node describing the object at ``loc`` (None when it cannot be told)."""
-    # Walk down from the resource by the keys that lead to the object.
-    chain = _find_path(resource, loc.value, [])
-    if chain is None:
-        return None
-    definition = registry.types.get(resource.get("resourceType", ""))
-    if definition is None:
-        return None
-    node = definition.root
-    for key in chain:
-        element = node.keys.get(key)
-        if element is None or element.target is None:
-            return None
-        node = registry.node(*element.target)
-    return node
-
-
-def _find_path(current: Any, target: Any, keys: list[str]) -> list[str] | None:
-    if current is target:
-        return keys
-    if isinstance(current, dict):
-        for k, v in current.items():
-            for item in v if isinstance(v, list) else [v]:
-                found = _find_path(item, target, [*keys, k])
-                if found is not None:
-                    return found
-    return None
-
-
-def _key_for(registry: Registry, container: dict[str, Any], resource: dict[str, Any], loc: _Loc, name: str, type_code: str | None) -> str:
-    node = _node_of(registry, resource, loc)
-    if node is not None and name in node.choices and type_code:
-        return name + type_code[0].upper() + type_code[1:]
-    return name
-
-
-def _repeats(registry: Registry, resource: dict[str, Any], loc: _Loc, name: str) -> bool:
-    node = _node_of(registry, resource, loc)
-    if node is not None:
-        element = node.keys.get(name)
-        if element is not None:
-            return bool(element.is_array)
-    return isinstance(loc.value.get(name), list)

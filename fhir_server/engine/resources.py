@@ -15,7 +15,7 @@ from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outc
 from fhir_server.fhirjson import RawJson
 from fhir_server.engine import custom_params
 from fhir_server.search.extract import IndexEntries
-from fhir_server.storage.repository import BodyBuilder, ResourceRepository, VersionRecord, WriteItem, WriteResult
+from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -240,27 +240,6 @@ def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, bod
                         if_match=if_match, create_only=create_only)
     job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None
     return result, job
-
-
-def write_many_in(engine: Engine, repo: ResourceRepository, writes: list[tuple[str, str, dict[str, Any], str, int | None]]
-                  ) -> list[WriteResult]:
-    """Write several resources (type, id, body, method, If-Match version) inside an open unit of work.
-
-    None is a SearchParameter (those go one by one, through ``write_in``); a POST creates only.
-    The storage work is a few statements for all of them.
-    """
-    ctx = engine.contexts.for_repo(repo)
-    local = f"/fhir/{repo.tenant.name}/"
-
-    def builder(body: dict[str, Any], rid: str) -> BodyBuilder:
-        return lambda version, last_updated: stamp(body, rid, version, last_updated)
-
-    items = []
-    for rtype, rid, body, method, if_match in writes:
-        assert rtype != "SearchParameter"
-        items.append(WriteItem(rtype, rid, builder(body, rid), method, ctx.extractor.extract(body, local_path=local),
-                               if_match, create_only=method == "POST"))
-    return repo.write_many(items)
 
 
 def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, if_match: int | None = None

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sqlalchemy.exc import OperationalError
+
 from fhir_server.errors import BadRequest, FhirError, IntegrityFailure, NotFound, PreconditionFailed
 from fhir_server.security.crypto import IntegrityError
 from fhir_server.security.keys import KeyUnavailable
@@ -13,6 +15,8 @@ from fhir_server.storage.repository import AlreadyExists, VersionConflict
 from fhir_server.storage.tenants import TENANT_NAME, TenantNotFound
 
 log = logging.getLogger(__name__)
+
+CONFLICTS = frozenset({"40P01", "40001"})  # deadlock detected, serialization failure
 
 
 @contextmanager
@@ -37,6 +41,15 @@ def storage_errors(tenant: str) -> Iterator[None]:
         ) from None
     except AlreadyExists:
         raise FhirError("A resource with this id already exists", status=409, code="duplicate") from None
+    except OperationalError as exc:
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if sqlstate not in CONFLICTS:
+            raise
+        log.warning("transaction conflicted with a concurrent one", extra={"tenant": tenant, "sqlstate": sqlstate})
+        raise FhirError(
+            "The request conflicted with a concurrent one and was rolled back; nothing was changed: retry it",
+            status=409, code="transient", headers={"Retry-After": "1"},
+        ) from None
     except (IntegrityError, KeyUnavailable) as exc:
         log.error("stored record failed its integrity check", extra={"tenant": tenant, "reason": str(exc)})
         raise IntegrityFailure(

@@ -218,7 +218,7 @@ class ResourceRepository:
         keys = [(i.res_type, i.res_id) for i in items]
         # Lock the rows that exist (in key order, so concurrent writers of overlapping sets cannot deadlock).
         # A create-only item of a fresh id is not looked for: inserting it tells.
-        states = self._lock_states(sorted(k for k, i in zip(keys, items) if not i.create_only))
+        states = self.lock_rows(sorted(k for k, i in zip(keys, items) if not i.create_only))
         for n, (key, item) in enumerate(zip(keys, items)):
             if item.if_match is not None:
                 state = states.get(key)
@@ -236,7 +236,7 @@ class ResourceRepository:
                 if items[n].create_only:
                     raise AlreadyExists(keys[n][1], item=n)
             # Created by a concurrent writer since we looked (it has committed): lock them, they are updates.
-            states.update(self._lock_states(sorted(keys[n] for n in lost)))
+            states.update(self.lock_rows(sorted(keys[n] for n in lost)))
             pending = [n for n in lost if keys[n] not in states]
         else:
             if pending:
@@ -292,7 +292,7 @@ class ResourceRepository:
         indexing.remove(self.conn, self._tid, res_type, res_id, state.index_mask)
         return VersionRecord(res_type, res_id, version, last_updated, True, "DELETE", None)
 
-    def _lock_states(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], CurrentState]:
+    def lock_rows(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], CurrentState]:
         """The current state of those of ``keys`` that exist, their rows locked until the transaction ends."""
         if not keys:
             return {}

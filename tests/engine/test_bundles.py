@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -291,3 +292,166 @@ def test_a_transaction_updating_many_resources_checks_every_version_first(engine
     assert count(engine, tenant, "Patient", (("family", "After"),)) == 5
     assert count(engine, tenant, "Patient", (("family", "Before"),)) == 0  # the old index rows are gone
     assert count(engine, tenant, "Patient", (("identifier", f"{MRN}|m3"),)) == 1
+
+
+@pytest.mark.parametrize("request_part", [
+    {"method": "PUT", "url": "Patient/w1", "ifMatch": 3},
+    {"method": "POST", "url": "Patient", "ifNoneExist": 3},
+    {"method": "GET", "url": "Patient/w1", "ifModifiedSince": 5},
+    {"method": "GET", "url": "Patient/w1", "ifNoneMatch": ["x"]},
+    {"method": "PUT", "url": "Patient/w1", "ifMatch": 'W/"abc"'},
+])
+def test_malformed_request_fields_are_400_and_write_nothing(engine: Engine, tenant: str, request_part: dict[str, Any]) -> None:
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, bundle("transaction",
+                                    {"resource": pat("w1", pid="w1"), "request": {"method": "PUT", "url": "Patient/w1"}},
+                                    {"resource": pat("w2", pid="w1"), "request": request_part}))
+    assert info.value.status == 400 and "Bundle.entry[1]" in info.value.issues[0].diagnostics
+    assert not info.value.headers
+    assert count(engine, tenant, "Patient") == 0
+    out = post(engine, tenant, bundle("batch",
+                                      {"resource": pat("w1", pid="w1"), "request": {"method": "PUT", "url": "Patient/w1"}},
+                                      {"resource": pat("w2", pid="w1"), "request": request_part}))
+    assert [e["response"]["status"][:3] for e in out["entry"]] == ["201", "400"]
+
+
+@pytest.mark.parametrize("binary", [
+    {"resourceType": "Binary", "contentType": 5, "data": "W10="},
+    {"resourceType": "Binary", "contentType": None, "data": "W10="},
+    {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": 5},
+    {"resourceType": "Binary", "contentType": "application/json-patch+json"},
+    {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": "not base64!"},
+    {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": base64.b64encode(b"[" * 5000).decode()},
+    {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": base64.b64encode(b"[NaN]").decode()},
+    {"resourceType": "Patient"},
+    [1, 2],
+])
+def test_malformed_patch_entries_are_400(engine: Engine, tenant: str, binary: Any) -> None:
+    call(engine, tenant, "PUT", "Patient/pb", pat("pb", pid="pb"))
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, bundle("transaction", {"resource": binary, "request": {"method": "PATCH", "url": "Patient/pb"}}))
+    assert info.value.status == 400 and info.value.issues[0].expression[0].startswith("Bundle.entry[0]")
+
+
+def test_references_are_rewritten_where_the_specification_says(engine: Engine, tenant: str) -> None:
+    urn = "urn:uuid:4a1b3c5d-0000-4000-8000-00000000000a"
+    out = post(engine, tenant, bundle(
+        "transaction",
+        {"fullUrl": urn, "resource": pat("r1"), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": {
+            "resourceType": "DocumentReference", "status": "current",
+            "subject": {"reference": urn.upper().replace("URN:UUID:", "urn:uuid:")},  # UUIDs compare in either case
+            "identifier": [{"system": "urn:ietf:rfc:3986", "value": urn}],  # an identifier is not a link
+            "description": urn,
+            "content": [{"attachment": {"url": urn}}],  # type url: rewritten
+            "extension": [{"url": "http://example.org/canonical", "valueCanonical": urn},
+                          {"url": "http://example.org/uri", "valueUri": urn}],
+            "text": {"status": "generated",
+                     "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><a href="{urn}">{urn}</a></div>'}},
+         "request": {"method": "POST", "url": "DocumentReference"}},
+    ))
+    pid = out["entry"][0]["response"]["location"].split("/")[1]
+    doc = resource(call(engine, tenant, "GET", out["entry"][1]["response"]["location"].rsplit("/_history", 1)[0]))
+    assert doc["subject"]["reference"] == f"Patient/{pid}"
+    assert doc["identifier"][0]["value"] == urn and doc["description"] == urn
+    assert doc["content"][0]["attachment"]["url"] == f"Patient/{pid}"
+    assert doc["extension"][0]["valueCanonical"] == urn and doc["extension"][1]["valueUri"] == f"Patient/{pid}"
+    assert f'href="Patient/{pid}">{urn}</a>' in doc["text"]["div"]
+    with pytest.raises(FhirError) as info:  # a bundle-local name that names no entry
+        post(engine, tenant, bundle("transaction", {"resource": {
+            "resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": "urn:uuid:0badc0de-0000-4000-8000-000000000000"}},
+            "request": {"method": "POST", "url": "Observation"}}))
+    assert info.value.status == 400 and info.value.issues[0].expression == ("Bundle.entry[0].resource.subject.reference",)
+
+
+def test_patch_entries_have_their_references_rewritten(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Observation/o1", {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}})
+    urn = "urn:uuid:4a1b3c5d-0000-4000-8000-00000000000b"
+    fhirpath = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": [
+        {"name": "type", "valueCode": "add"}, {"name": "path", "valueString": "Observation"}, {"name": "name", "valueString": "subject"},
+        {"name": "value", "valueReference": {"reference": urn}}]}]}
+    out = post(engine, tenant, bundle("transaction",
+                                      {"fullUrl": urn, "resource": pat("pr"), "request": {"method": "POST", "url": "Patient"}},
+                                      {"resource": fhirpath, "request": {"method": "PATCH", "url": "Observation/o1"}}))
+    pid = out["entry"][0]["response"]["location"].split("/")[1]
+    assert resource(call(engine, tenant, "GET", "Observation/o1"))["subject"]["reference"] == f"Patient/{pid}"
+    urn2 = "urn:uuid:4a1b3c5d-0000-4000-8000-00000000000c"
+    json_patch = [{"op": "replace", "path": "/subject", "value": {"reference": urn2}}]
+    data = base64.b64encode(json.dumps(json_patch).encode()).decode()
+    out = post(engine, tenant, bundle("transaction",
+                                      {"fullUrl": urn2, "resource": pat("pr2"), "request": {"method": "POST", "url": "Patient"}},
+                                      {"resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": data},
+                                       "request": {"method": "PATCH", "url": "Observation/o1"}}))
+    pid2 = out["entry"][0]["response"]["location"].split("/")[1]
+    assert resource(call(engine, tenant, "GET", "Observation/o1"))["subject"]["reference"] == f"Patient/{pid2}"
+
+
+def test_conditional_creates_in_one_bundle_see_each_other(engine: Engine, tenant: str) -> None:
+    criteria = f"identifier={MRN}|same"
+    out = post(engine, tenant, bundle(
+        "transaction",
+        {"resource": pat("same"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": criteria}},
+        {"resource": pat("same"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": criteria}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                      "subject": {"reference": f"Patient?{criteria}"}}, "request": {"method": "POST", "url": "Observation"}},
+    ))
+    assert [e["response"]["status"][:3] for e in out["entry"]] == ["201", "200", "201"]
+    first, second = (e["response"]["location"].split("/_history")[0] for e in out["entry"][:2])
+    assert first == second and count(engine, tenant, "Patient") == 1
+    obs = resource(call(engine, tenant, "GET", out["entry"][2]["response"]["location"].split("/_history")[0]))
+    assert obs["subject"]["reference"] == first
+
+
+def test_overlapping_identities_fail(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/ov", pat("ov", pid="ov"))
+    for other in ({"request": {"method": "DELETE", "url": "Patient/ov"}},
+                  {"resource": pat("ov", "Changed", "ov"), "request": {"method": "PUT", "url": "Patient/ov"}}):
+        with pytest.raises(FhirError) as info:
+            post(engine, tenant, bundle("transaction", other, {
+                "resource": pat("ov"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={MRN}|ov"}}))
+        assert info.value.status == 400
+    assert resource(call(engine, tenant, "GET", "Patient/ov"))["meta"]["versionId"] == "1"
+    with pytest.raises(FhirError) as info:  # bdl-7: one full URL, two entries
+        post(engine, tenant, bundle("transaction",
+                                    {"fullUrl": "urn:uuid:4a1b3c5d-0000-4000-8000-00000000000d", "resource": pat("d1"), "request": {"method": "POST", "url": "Patient"}},
+                                    {"fullUrl": "urn:uuid:4A1B3C5D-0000-4000-8000-00000000000D", "resource": pat("d2"), "request": {"method": "POST", "url": "Patient"}}))
+    assert info.value.status == 400 and "Bundle.entry[1]" in info.value.issues[0].diagnostics
+
+
+def test_conditional_delete_in_a_transaction_follows_the_setting(engine: Engine, tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(3):
+        call(engine, tenant, "POST", "Patient", pat("many"))
+    delete_many = bundle("transaction", {"request": {"method": "DELETE", "url": f"Patient?identifier={MRN}|many"}})
+    with pytest.raises(FhirError) as info:
+        post(engine, tenant, delete_many)
+    assert info.value.status == 412
+    monkeypatch.setattr(engine, "settings", dataclasses.replace(engine.settings, conditional_delete="multiple"))
+    assert post(engine, tenant, delete_many)["entry"][0]["response"]["status"].startswith("204")
+    assert count(engine, tenant, "Patient") == 0
+
+
+def test_nested_bundles_and_head_entries(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/h1", pat("h1", pid="h1"))
+    out = post(engine, tenant, bundle("batch",
+                                      {"resource": bundle("transaction"), "request": {"method": "POST", "url": "/"}},
+                                      {"request": {"method": "HEAD", "url": "Patient/h1"}}))
+    assert out["entry"][0]["response"]["status"].startswith("400")
+    assert out["entry"][1]["response"]["status"].startswith("200") and "resource" not in out["entry"][1]
+    assert out["entry"][1]["response"]["etag"] == 'W/"1"'
+
+
+def test_crossing_transactions_do_not_deadlock(engine: Engine, tenant: str) -> None:
+    call(engine, tenant, "PUT", "Patient/xa", pat("xa", pid="xa"))
+    call(engine, tenant, "PUT", "Patient/xb", pat("xb", pid="xb"))
+
+    def cross(i: int) -> int:
+        first, second = ("xa", "xb") if i % 2 else ("xb", "xa")
+        resp = call(engine, tenant, "POST", "", bundle("transaction",
+                                                       {"request": {"method": "DELETE", "url": f"Patient/{first}"}},
+                                                       {"resource": pat(second, "T", second), "request": {"method": "PUT", "url": f"Patient/{second}"}},
+                                                       {"resource": pat(f"n{i}"), "request": {"method": "POST", "url": "Patient"}}))
+        return resp.status
+
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(cross, range(12))) == {200}
+    assert count(engine, tenant, "Patient", (("family", "T"),)) >= 1
