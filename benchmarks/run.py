@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
                 _log(f"could not drop {d.name}: {exc}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{dt.date.today().isoformat()}-{results['commit']}{'-quick' if args.quick else ''}.json"
+    sized = f"-{patients}-patients" if args.patients else ""  # a non-default size never overwrites a default run
+    out = RESULTS / f"{dt.date.today().isoformat()}-{results['commit']}{'-quick' if args.quick else ''}{sized}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
     print(f"\nresults written to {out.relative_to(ROOT)}")
