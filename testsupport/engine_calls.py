@@ -7,14 +7,17 @@ from typing import Any
 from fhir_server import fhirjson
 from fhir_server.engine.engine import Engine
 from fhir_server.engine.request import FhirRequest, FhirResponse
+from fhir_server.security.access import INTERNAL
 
 
 def call(engine: Engine, tenant: str, method: str, path: str, body: Any = None, **kw: Any) -> FhirResponse:
+    """One request; the server's own access unless ``access=`` says otherwise."""
     req = FhirRequest(
         method=method,
         tenant=tenant,
         path=tuple(p for p in path.split("/") if p),
         base_url=f"http://test/fhir/{tenant}",
+        access=kw.pop("access", INTERNAL),
         body=body,
         **kw,
     )

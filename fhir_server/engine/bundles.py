@@ -31,13 +31,21 @@ from urllib.parse import parse_qsl
 from fhir_server.capability.registry import Element, Node
 from fhir_server.capability.validation import validate_resource
 from fhir_server.clock import instant, now_us, parse_http_date
-from fhir_server.engine import conditional, custom_params
+from fhir_server.engine import authorization, conditional, custom_params
 from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, RETURN_REPRESENTATION, FhirRequest, FhirResponse
 from fhir_server.engine.resources import check_id, parse_etag, remove, stamp, write_in
 from fhir_server.engine.storage_errors import storage_errors
 from fhir_server.errors import BadRequest, FhirError, Issue, NotFound, PayloadTooLarge, PreconditionFailed, operation_outcome
 from fhir_server.fhirjson import RawJson
-from fhir_server.storage.repository import AlreadyExists, ResourceRepository, VersionConflict, VersionRecord, WriteItem
+from fhir_server.security.access import AccessContext
+from fhir_server.storage.repository import (
+    AlreadyExists,
+    CurrentState,
+    ResourceRepository,
+    VersionConflict,
+    VersionRecord,
+    WriteItem,
+)
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -77,6 +85,11 @@ class Entry:
     @property
     def rtype(self) -> str:
         return self.path[0]
+
+    @property
+    def target_id(self) -> str:
+        assert self.target is not None
+        return self.target.split("/", 1)[1]
 
     @property
     def where(self) -> str:
@@ -168,7 +181,7 @@ def _as_request(engine: Engine, req: FhirRequest, e: Entry) -> FhirRequest:
     elif e.method in ("POST", "PUT"):
         body = e.resource
     return FhirRequest(
-        method=e.method, tenant=req.tenant, path=e.path, base_url=req.base_url,
+        method=e.method, tenant=req.tenant, path=e.path, base_url=req.base_url, access=req.access,
         params=tuple(parse_qsl(e.query, keep_blank_values=True)), body=body,
         if_match=e.if_match, if_none_match=e.if_none_match, if_modified_since=e.if_modified_since,
         if_none_exist=e.if_none_exist,
@@ -245,11 +258,11 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
             conditional.lock_all_criteria(repo, [c for e in writes for c in e.criteria])
             mapping = Identities()
             for current in writes:
-                _resolve_identity(engine, repo, current, mapping)
+                _resolve_identity(engine, repo, current, mapping, req.access)
             current = None
             _check_overlaps(writes)
-            repo.lock_rows(sorted({(t.split("/", 1)[0], t.split("/", 1)[1]) for e in writes for t in _changes(e)}))
-            rewriter = _Rewriter(engine, repo, mapping)
+            states = repo.lock_rows(sorted({(t.split("/", 1)[0], t.split("/", 1)[1]) for e in writes for t in _changes(e)}))
+            rewriter = _Rewriter(engine, repo, mapping, req.access)
             for current in writes:
                 _rewrite_entry(rewriter, current)
             # Plain creates and updates go to storage together; then, one by one, DELETE, and after the
@@ -257,9 +270,10 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
             batched = [e for e in writes if e.method in ("POST", "PUT") and e.rtype != "SearchParameter" and not e.existing]
             in_batch = {e.index for e in batched}
             for current in (e for e in writes if e.method == "DELETE"):
-                jobs.extend(_delete(engine, repo, current))
-            items = []
+                jobs.extend(_delete(engine, repo, current, req.access))
+            items, permissions = [], []
             for current in batched:
+                permissions.append(_batch_permission(engine, repo, current, states, req.access))
                 items.append(_write_item(engine, repo, current))
             current = None
             try:
@@ -267,6 +281,9 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
             except (VersionConflict, AlreadyExists) as exc:  # naming the entry that failed
                 current = batched[exc.item] if exc.item is not None else None
                 raise
+            for current, permission in zip(batched, permissions):  # what was written is within the grant
+                authorization.check_instance(engine, repo, req.access, permission, current.rtype, current.target_id)
+            current = None
             for e, result in zip(batched, records):
                 e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
             for current in (e for e in writes if e.method != "DELETE" and e.index not in in_batch):
@@ -386,7 +403,7 @@ def _is_conditional(reference: str) -> bool:
     return "?" in reference and not reference.startswith(("#", "http://", "https://", "urn:"))
 
 
-def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mapping: Identities) -> None:
+def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mapping: Identities, access: AccessContext) -> None:
     """The entry's target (or, for DELETE, targets), and what references to its full URL become."""
     rtype = e.rtype
     if e.method == "POST":
@@ -395,7 +412,7 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
             if criteria in mapping.matched:  # the same conditional create earlier in this Bundle
                 e.target, e.existing = mapping.matched[criteria], True
             else:
-                found = conditional.matches(engine, repo, rtype, criteria[1])
+                found = conditional.matches(engine, repo, rtype, criteria[1], access, "c")
                 if len(found) > 1:
                     raise PreconditionFailed(f"ifNoneExist matches {len(found)} or more {rtype} resources", expression="request.ifNoneExist")
                 if found:
@@ -410,7 +427,7 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
         if e.method == "DELETE":
             e.deletes = [e.path[1]]
     elif e.method == "PUT":
-        found = conditional.matches(engine, repo, rtype, e.query)
+        found = conditional.matches(engine, repo, rtype, e.query, access, "u")
         if len(found) > 1:
             raise PreconditionFailed(f"The conditional update matches {len(found)} or more {rtype} resources", expression="request.url")
         body_id = e.resource.get("id")
@@ -419,9 +436,9 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
         e.target = f"{rtype}/{found[0] if found else (check_id(str(body_id)) if body_id else uuid.uuid4())}"
         mapping.matched.setdefault((rtype, conditional.normal_criteria(e.query)), e.target)
     elif e.method == "DELETE":
-        e.deletes = conditional.delete_targets(engine, repo, rtype, e.query)
+        e.deletes = conditional.delete_targets(engine, repo, rtype, e.query, access)
     else:  # conditional PATCH
-        found = conditional.matches(engine, repo, rtype, e.query)
+        found = conditional.matches(engine, repo, rtype, e.query, access, "u")
         if len(found) > 1:
             raise PreconditionFailed(f"The conditional patch matches {len(found)} or more {rtype} resources", expression="request.url")
         if not found:
@@ -470,8 +487,9 @@ def _check_overlaps(writes: list[Entry]) -> None:
 class _Rewriter:
     """Rewrites the references of one resource, walking it with the R4 definitions (see the module doc)."""
 
-    def __init__(self, engine: Engine, repo: ResourceRepository, mapping: Identities) -> None:
+    def __init__(self, engine: Engine, repo: ResourceRepository, mapping: Identities, access: AccessContext) -> None:
         self.engine = engine
+        self.access = access
         self.registry = engine.registry
         self.repo = repo
         self.mapping = mapping
@@ -545,7 +563,7 @@ class _Rewriter:
         known = self.mapping.matched.get((rtype, conditional.normal_criteria(query)))
         if known is not None:
             return known
-        found = conditional.matches(self.engine, self.repo, rtype, query)
+        found = conditional.matches(self.engine, self.repo, rtype, query, self.access, "s")
         if len(found) != 1:
             raise PreconditionFailed(
                 f"The conditional reference {reference[:120]!r} matches {'no' if not found else 'more than one'} {rtype}; "
@@ -576,6 +594,17 @@ def _rewrite_entry(rewriter: _Rewriter, e: Entry) -> None:
             e.patch = (rewriter.resource(document, f"{e.where}.resource"), media)
 
 
+def _batch_permission(engine: Engine, repo: ResourceRepository, e: Entry, states: dict[tuple[str, str], CurrentState],
+                      access: AccessContext) -> str:
+    """Before a batched write: "c" or "u" (of a resource the access may update); Forbidden otherwise."""
+    state = states.get((e.rtype, e.target_id))
+    permission = "u" if e.method == "PUT" and state is not None and not state.deleted else "c"
+    authorization.grants_unless_internal(access, permission, e.rtype)
+    if permission == "u":
+        authorization.check_instance(engine, repo, access, "u", e.rtype, e.target_id)
+    return permission
+
+
 def _write_item(engine: Engine, repo: ResourceRepository, e: Entry) -> WriteItem:
     """A plain create or update, ready for ``write_many`` (its index extracted)."""
     assert e.target is not None
@@ -588,10 +617,10 @@ def _write_item(engine: Engine, repo: ResourceRepository, e: Entry) -> WriteItem
                      index, e.version, create_only=e.method == "POST")
 
 
-def _delete(engine: Engine, repo: ResourceRepository, e: Entry) -> list[int]:
+def _delete(engine: Engine, repo: ResourceRepository, e: Entry, access: AccessContext) -> list[int]:
     jobs, etag = [], None
     for rid in e.deletes:
-        rec, job = remove(engine, repo, e.rtype, rid, if_match=e.version)
+        rec, job = remove(engine, repo, e.rtype, rid, access=access, if_match=e.version)
         if rec is not None:
             etag = f'W/"{rec.version}"'
         if job is not None:
@@ -607,10 +636,11 @@ def _execute(engine: Engine, repo: ResourceRepository, req: FhirRequest, e: Entr
     rid = e.target.split("/", 1)[1]
     if e.method == "PATCH":
         assert e.patch is not None
-        result, _, job = conditional.patch_in(engine, repo, rtype, rid, e.patch[0], e.patch[1], e.version)
+        result, _, job = conditional.patch_in(engine, repo, rtype, rid, e.patch[0], e.patch[1], e.version, req.access)
         e.response = _written(req, result.record, 200)
         return job
     if e.existing:
+        authorization.check_instance(engine, repo, req.access, "c", rtype, rid)  # what the create found: within the grant
         existing = repo.read(rtype, rid)
         assert existing is not None
         e.response = _written(req, existing, 200)
@@ -619,7 +649,7 @@ def _execute(engine: Engine, repo: ResourceRepository, req: FhirRequest, e: Entr
     if e.method == "PUT":
         body["id"] = rid
     definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
-    result, job = write_in(engine, repo, rtype, rid, body, method=e.method, if_match=e.version,
+    result, job = write_in(engine, repo, rtype, rid, body, access=req.access, method=e.method, if_match=e.version,
                            create_only=e.method == "POST", definition=definition)
     e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
     return job

@@ -19,7 +19,7 @@ from sqlalchemy import text
 
 from fhir_server import fhirjson
 from fhir_server.capability.validation import validate_resource
-from fhir_server.engine import custom_params, search
+from fhir_server.engine import authorization, custom_params, search
 from fhir_server.engine.patching import apply_fhirpath_patch, apply_json_patch
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.resources import (
@@ -33,6 +33,7 @@ from fhir_server.engine.resources import (
     write_response,
 )
 from fhir_server.errors import BadRequest, Gone, Issue, NotFound, PreconditionFailed, operation_outcome
+from fhir_server.security.access import AccessContext
 from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
 
 if TYPE_CHECKING:
@@ -67,18 +68,22 @@ def lock_all_criteria(repo: ResourceRepository, criteria: list[tuple[str, str]])
         repo.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
-def matches(engine: Engine, repo: ResourceRepository, rtype: str, query: str, limit: int = 2) -> list[str]:
+def matches(engine: Engine, repo: ResourceRepository, rtype: str, query: str, access: AccessContext, permission: str,
+            limit: int = 2) -> list[str]:
+    """Ids matching conditional criteria, among the resources ``access`` allows ``permission`` on (so that
+    a conditional interaction cannot find, or act on, what the caller may not see)."""
     lock_criteria(repo, rtype, query)
-    return search.matching_ids(engine, repo, rtype, query, limit=limit)
+    constraint = authorization.constraint(engine, engine.contexts.for_repo(repo), access, permission, rtype)
+    return search.matching_ids(engine, repo, rtype, query, limit=limit, constraint=constraint)
 
 
 # --- conditional create ----------------------------------------------------------------------------
 
 def create_in(engine: Engine, repo: ResourceRepository, rtype: str, body: dict[str, Any], if_none_exist: str | None,
-              rid: str | None = None) -> tuple[WriteResult | VersionRecord, bool, int | None]:
+              access: AccessContext) -> tuple[WriteResult | VersionRecord, bool, int | None]:
     """Create (or, with If-None-Exist matching one resource, find). Returns (what, created?, reindex job)."""
     if if_none_exist is not None:
-        found = matches(engine, repo, rtype, _criteria(if_none_exist, rtype))
+        found = matches(engine, repo, rtype, _criteria(if_none_exist, rtype), access, "c")
         if len(found) > 1:
             raise PreconditionFailed(
                 f"If-None-Exist matches {len(found)} or more {rtype} resources; make the criteria select one",
@@ -89,7 +94,7 @@ def create_in(engine: Engine, repo: ResourceRepository, rtype: str, body: dict[s
             assert existing is not None
             return existing, False, None
     definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
-    result, job = write_in(engine, repo, rtype, rid or str(uuid.uuid4()), body, method="POST", create_only=True,
+    result, job = write_in(engine, repo, rtype, str(uuid.uuid4()), body, access=access, method="POST", create_only=True,
                            definition=definition)
     return result, True, job
 
@@ -97,7 +102,7 @@ def create_in(engine: Engine, repo: ResourceRepository, rtype: str, body: dict[s
 def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     body, warnings = validated_body(engine, req, rtype)
     with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
-        outcome, created, job = create_in(engine, repo, rtype, body, req.if_none_exist)
+        outcome, created, job = create_in(engine, repo, rtype, body, req.if_none_exist, req.access)
     _kick(engine, job)
     if created:
         assert isinstance(outcome, WriteResult)
@@ -113,8 +118,8 @@ def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
 # --- conditional update --------------------------------------------------------------------------
 
 def update_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str, body: dict[str, Any],
-              if_match: int | None) -> tuple[WriteResult, int | None]:
-    found = matches(engine, repo, rtype, query)
+              if_match: int | None, access: AccessContext) -> tuple[WriteResult, int | None]:
+    found = matches(engine, repo, rtype, query, access, "u")
     if len(found) > 1:
         raise PreconditionFailed(f"The conditional update matches {len(found)} or more {rtype} resources", expression="query")
     body_id = body.get("id")
@@ -127,7 +132,7 @@ def update_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str, 
     else:
         rid, method = str(uuid.uuid4()), "POST"
     definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
-    return write_in(engine, repo, rtype, rid, body, method=method, if_match=if_match, definition=definition)
+    return write_in(engine, repo, rtype, rid, body, access=access, method=method, if_match=if_match, definition=definition)
 
 
 def update(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
@@ -135,18 +140,18 @@ def update(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     query = _query_of(req)
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
     with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
-        result, job = update_in(engine, repo, rtype, query, body, if_match)
+        result, job = update_in(engine, repo, rtype, query, body, if_match, req.access)
     _kick(engine, job)
     return update_response(engine, req, result, warnings)
 
 
 # --- conditional delete --------------------------------------------------------------------------
 
-def delete_targets(engine: Engine, repo: ResourceRepository, rtype: str, query: str) -> list[str]:
+def delete_targets(engine: Engine, repo: ResourceRepository, rtype: str, query: str, access: AccessContext) -> list[str]:
     """The ids a conditional delete removes (412 when it matches more than the settings allow)."""
     multiple = engine.settings.conditional_delete == "multiple"
     limit = engine.settings.max_conditional_delete if multiple else 1
-    found = matches(engine, repo, rtype, query, limit=limit + 1)
+    found = matches(engine, repo, rtype, query, access, "d", limit=limit + 1)
     if len(found) > limit:
         if multiple:
             raise PreconditionFailed(
@@ -160,10 +165,11 @@ def delete_targets(engine: Engine, repo: ResourceRepository, rtype: str, query: 
     return found
 
 
-def delete_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str) -> tuple[list[VersionRecord], int | None]:
+def delete_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str,
+              access: AccessContext) -> tuple[list[VersionRecord], int | None]:
     deleted, job = [], None
-    for rid in delete_targets(engine, repo, rtype, query):
-        rec, j = remove(engine, repo, rtype, rid)
+    for rid in delete_targets(engine, repo, rtype, query, access):
+        rec, j = remove(engine, repo, rtype, rid, access=access)
         job = job or j
         if rec is not None:
             deleted.append(rec)
@@ -173,7 +179,7 @@ def delete_in(engine: Engine, repo: ResourceRepository, rtype: str, query: str) 
 def delete(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     query = _query_of(req)
     with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
-        deleted, job = delete_in(engine, repo, rtype, query)
+        deleted, job = delete_in(engine, repo, rtype, query, req.access)
     _kick(engine, job)
     headers = {"ETag": f'W/"{deleted[0].version}"'} if len(deleted) == 1 else {}
     if req.prefer_return == "OperationOutcome":
@@ -185,7 +191,7 @@ def delete(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
 # --- patch ----------------------------------------------------------------------------------------
 
 def patch_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, document: Any, content_type: str | None,
-             if_match: int | None) -> tuple[WriteResult, list[Issue], int | None]:
+             if_match: int | None, access: AccessContext) -> tuple[WriteResult, list[Issue], int | None]:
     state = repo.current_state(rtype, rid, lock=True)  # held until commit: nothing changes under the patch
     if state is None:
         raise NotFound(f"{rtype}/{rid} is not known")
@@ -213,7 +219,8 @@ def patch_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, doc
             patched.pop("meta")
     warnings = validate_resource(engine.registry, patched, missing_required=engine.settings.validate_required)
     definition = custom_params.check_definition(engine, patched) if rtype == "SearchParameter" else None
-    result, job = write_in(engine, repo, rtype, rid, patched, method="PATCH", if_match=state.version, definition=definition)
+    result, job = write_in(engine, repo, rtype, rid, patched, access=access, method="PATCH", if_match=state.version,
+                           definition=definition)
     return result, warnings, job
 
 
@@ -223,7 +230,7 @@ def patch(engine: Engine, req: FhirRequest, rtype: str, rid: str | None) -> Fhir
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
     with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
         if rid is None:
-            found = matches(engine, repo, rtype, _query_of(req))
+            found = matches(engine, repo, rtype, _query_of(req), req.access, "u")
             if not found:
                 raise NotFound(f"No {rtype} matches the conditional patch's criteria")
             if len(found) > 1:
@@ -231,7 +238,7 @@ def patch(engine: Engine, req: FhirRequest, rtype: str, rid: str | None) -> Fhir
             rid = found[0]
         else:
             check_id(rid)
-        result, warnings, job = patch_in(engine, repo, rtype, rid, req.body, req.content_type, if_match)
+        result, warnings, job = patch_in(engine, repo, rtype, rid, req.body, req.content_type, if_match, req.access)
     _kick(engine, job)
     rec = result.record
     return write_response(req, rec, 200, version_headers(engine, req, rec), warnings, f"Patched {rtype}/{rid} to version {rec.version}")

@@ -19,6 +19,7 @@ from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.storage_errors import storage_errors
 from fhir_server.errors import (
     BadRequest,
+    Forbidden,
     MethodNotAllowed,
     NotFound,
 )
@@ -130,7 +131,14 @@ class Engine:
         for t in type_values:
             if not self.registry.is_resource_type(t):
                 raise BadRequest(f"_type names an unknown resource type {t[:64]!r}", expression="_type")
-        types = tuple(type_values) if type_values else self.registry.resource_types
+        if type_values:
+            types = tuple(type_values)
+        elif req.access.internal:
+            types = self.registry.resource_types
+        else:  # every type the access may search
+            types = tuple(t for t in self.registry.resource_types if req.access.grants_for("s", t))
+            if not types:
+                raise Forbidden("The access token's scopes allow no search")
         pairs = [(k, v) for k, v in req.params if k != "_type"]
         return search.search(self, req, tuple(dict.fromkeys(types)), pairs, system=True)
 

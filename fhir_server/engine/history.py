@@ -6,18 +6,40 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.clock import instant, now_us
+from fhir_server.engine import authorization
 from fhir_server.engine.paging import CURSOR_PARAM, Cursor, page_url, parse_count
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.resources import check_id
-from fhir_server.errors import BadRequest, NotFound
+from fhir_server.errors import BadRequest, Forbidden, NotFound
 from fhir_server.fhirjson import RawJson
 from fhir_server.search.dates import InvalidDate, period
-from fhir_server.storage.repository import HistoryQuery, VersionRecord
+from fhir_server.storage.repository import HistoryQuery, ResourceRepository, VersionRecord
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
 
 KNOWN_PARAMS = {"_since", "_at", "_count", CURSOR_PARAM, "_format", "_pretty", "_summary", "_elements"}
+
+
+def _authorize(engine: Engine, repo: ResourceRepository, req: FhirRequest, rtype: str | None, rid: str | None) -> None:
+    """An instance's history: as reading the resource. A type's or the system's: read of every resource of the
+    type(s) unrestricted, since past versions carry no index to restrict them by."""
+    access = req.access
+    if access.internal:
+        return
+    types = (rtype,) if rtype is not None else engine.registry.resource_types
+    for t in types:
+        authorization.grants(access, "r", t)
+    if rid is not None and rtype is not None:
+        state = repo.current_state(rtype, rid)
+        if state is not None and not state.deleted:
+            authorization.check_instance(engine, repo, access, "r", rtype, rid)
+        return
+    ctx = engine.contexts.for_repo(repo)
+    for t in types:
+        if authorization.constraint(engine, ctx, access, "r", t) is not None:
+            raise Forbidden(f"The history of {t if rtype else 'the server'} needs read access to every {t} resource; "
+                            "the access token's scopes are narrower (use search, or the history of one resource)")
 
 
 def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str | None = None) -> FhirResponse:
@@ -43,6 +65,7 @@ def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str
         limit=count,
     )
     with engine.storage.session(req.tenant, write=False) as repo:
+        _authorize(engine, repo, req, rtype, rid)
         records: list[VersionRecord] = []
         more = False
         if count > 0:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_server.fhirjson import RawJson
+from fhir_server.security.access import AccessContext
 
 # Prefer: return=...
 RETURN_MINIMAL = "minimal"
@@ -23,6 +24,7 @@ class FhirRequest:
     tenant: str
     path: tuple[str, ...]  # the segments after /fhir/{tenant}
     base_url: str  # this tenant's base URL, e.g. http://127.0.0.1:8080/fhir/default
+    access: AccessContext  # who is calling, with what grant (no default: every caller says)
     params: tuple[tuple[str, str], ...] = ()
     body: Any = None  # parsed JSON
     if_match: str | None = None

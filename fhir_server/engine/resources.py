@@ -13,8 +13,9 @@ from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, FhirReque
 from fhir_server.engine.subsetting import subset
 from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outcome
 from fhir_server.fhirjson import RawJson
-from fhir_server.engine import custom_params
+from fhir_server.engine import authorization, custom_params
 from fhir_server.search.extract import IndexEntries
+from fhir_server.security.access import AccessContext
 from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
 
 if TYPE_CHECKING:
@@ -96,8 +97,13 @@ def write_response(
 
 def read(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
     check_id(rid)
+    own = authorization.reads_own_record(req.access, rtype, rid)
+    if not own:
+        authorization.grants_unless_internal(req.access, "r", rtype)
     with engine.storage.session(req.tenant, write=False) as repo:
         rec = repo.read(rtype, rid)
+        if rec is not None and not rec.deleted and not own:
+            authorization.check_instance(engine, repo, req.access, "r", rtype, rid)
     if rec is None:
         raise NotFound(f"{rtype}/{rid} is not known", expression="id")
     if rec.deleted:
@@ -141,8 +147,11 @@ def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> F
     check_id(rid)
     if not is_ascii_digits(vid) or len(vid) > 9:
         raise NotFound(f"{rtype}/{rid} has no version {vid[:40]!r}; versions are whole numbers", expression="vid")
+    authorization.grants_unless_internal(req.access, "r", rtype)
     with engine.storage.session(req.tenant, write=False) as repo:
         rec = repo.vread(rtype, rid, int(vid))
+        if rec is not None:
+            authorization.check_instance(engine, repo, req.access, "r", rtype, rid)  # as the resource stands now
     if rec is None:
         raise NotFound(f"{rtype}/{rid} has no version {vid}")
     if rec.deleted:
@@ -156,7 +165,7 @@ def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> F
 def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     body, warnings = validated_body(engine, req, rtype)
     rid = str(uuid.uuid4())  # the client's id, if any, is ignored (FHIR R4 create)
-    result = store(engine, req.tenant, rtype, rid, body, method="POST", create_only=True)
+    result = store(engine, req.tenant, rtype, rid, body, access=req.access, method="POST", create_only=True)
     rec = result.record
     headers = version_headers(engine, req, rec)
     headers["Location"] = headers.pop("Content-Location")
@@ -174,7 +183,7 @@ def update(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
             f"The resource id {str(body_id)[:64]!r} does not match the id in the URL {rid!r}", expression=f"{rtype}.id"
         )
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
-    result = store(engine, req.tenant, rtype, rid, body, method="PUT", if_match=if_match)
+    result = store(engine, req.tenant, rtype, rid, body, access=req.access, method="PUT", if_match=if_match)
     return update_response(engine, req, result, warnings)
 
 
@@ -194,7 +203,7 @@ def delete(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
     if_match = parse_etag(req.if_match, "If-Match") if req.if_match is not None else None
     job = None
     with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
-        rec, job = remove(engine, repo, rtype, rid, if_match=if_match)
+        rec, job = remove(engine, repo, rtype, rid, access=req.access, if_match=if_match)
     if job is not None and engine.jobs is not None:
         engine.jobs.kick()
     headers = {} if rec is None else {"ETag": f'W/"{rec.version}"'}
@@ -207,7 +216,7 @@ def delete(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirRespon
 # --- the write path every door shares (REST, Bundle entries, reindex-aware) -------------------------
 
 
-def store(engine: Engine, tenant: str, rtype: str, rid: str, body: dict[str, Any], *, method: str,
+def store(engine: Engine, tenant: str, rtype: str, rid: str, body: dict[str, Any], *, access: AccessContext, method: str,
           if_match: int | None = None, create_only: bool = False) -> WriteResult:
     """Validate-free core of create and update: index, write, and react to SearchParameter writes."""
     definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
@@ -215,17 +224,22 @@ def store(engine: Engine, tenant: str, rtype: str, rid: str, body: dict[str, Any
     _, guessed = engine.contexts.guess(tenant)
     early = (guessed, guessed.extractor.extract(body, local_path=f"/fhir/{tenant}/"))
     with engine.storage.session(tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
-        result, job = write_in(engine, repo, rtype, rid, body, method=method, if_match=if_match,
+        result, job = write_in(engine, repo, rtype, rid, body, access=access, method=method, if_match=if_match,
                                create_only=create_only, definition=definition, early=early)
     if job is not None and engine.jobs is not None:
         engine.jobs.kick()
     return result
 
 
-def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, body: dict[str, Any], *, method: str,
-             if_match: int | None = None, create_only: bool = False, definition: Any = None,
+def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, body: dict[str, Any], *, access: AccessContext,
+             method: str, if_match: int | None = None, create_only: bool = False, definition: Any = None,
              early: tuple[Any, IndexEntries] | None = None) -> tuple[WriteResult, int | None]:
-    """Write one resource inside an open unit of work. Returns the result and a reindex job, if one was made."""
+    """Write one resource inside an open unit of work. Returns the result and a reindex job, if one was made.
+
+    The access must allow it: create, or update of a resource within the grant; and what is written must
+    be within the grant too (checked once written, in the same unit of work: outside, it rolls back).
+    """
+    permission = authorization.write_permission(engine, repo, access, rtype, rid, create_only=create_only)
     ctx = engine.contexts.for_repo(repo)
     if early is not None and early[0] is ctx:
         index = early[1]
@@ -238,13 +252,18 @@ def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, bod
             old = json.loads(previous.body)
     result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method=method, index=index,
                         if_match=if_match, create_only=create_only)
+    authorization.check_instance(engine, repo, access, permission, rtype, rid)
     job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None
     return result, job
 
 
-def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, if_match: int | None = None
-           ) -> tuple[VersionRecord | None, int | None]:
+def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, access: AccessContext,
+           if_match: int | None = None) -> tuple[VersionRecord | None, int | None]:
     """Delete one resource inside an open unit of work (and forget a SearchParameter's parameter)."""
+    authorization.grants_unless_internal(access, "d", rtype)
+    state = repo.current_state(rtype, rid) if not access.internal else None
+    if state is not None and not state.deleted:
+        authorization.check_instance(engine, repo, access, "d", rtype, rid)
     old = None
     if rtype == "SearchParameter":
         previous = repo.read(rtype, rid)

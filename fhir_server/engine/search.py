@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
-import math
 import binascii
+import dataclasses
 import json
+import math
 import uuid
-from urllib.parse import urlencode
 from dataclasses import dataclass
 from functools import cmp_to_key
+from urllib.parse import parse_qsl, urlencode
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,6 +18,7 @@ from sqlalchemy import func, or_, and_, select
 
 from fhir_server import fhirjson
 from fhir_server.clock import instant, now_us
+from fhir_server.engine import authorization
 from fhir_server.engine.paging import CURSOR_PARAM, page_url
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.subsetting import subset
@@ -89,6 +90,12 @@ def search(
     ``path`` is the URL path the links repeat (default: the type, or the base for system search)."""
     with engine.storage.session(req.tenant, write=False) as repo:
         ctx = engine.contexts.for_repo(repo)  # the tenant's parameters, custom ones included
+        if not req.access.internal:  # what the access allows is part of the query (never a filter afterwards)
+            extra = dict(extra or {})
+            for t in types:
+                clause = authorization.constraint(engine, ctx, req.access, "s", t)
+                if clause is not None:
+                    extra[t] = (*extra.get(t, ()), clause)
         query = ctx.parser.parse(types, pairs, strict=req.prefer_handling == "strict", extra=extra)
         memory_sort = any(k.param.type in ("string", "token", "uri") and not k.param.special for k in query.sort)
         sort_columns = [] if memory_sort else [_sort_column(ctx.params, k, types) for k in query.sort]
@@ -115,6 +122,9 @@ def search(
                 # when only an explicit _total=estimate gets this upper bound); later pages carry it.
                 total = store.count(where)
         included = _includes(ctx.params, store, query, matches) if query.includes and matches else []
+        if included and not req.access.internal:  # included resources are read: only those the access may read
+            readable = authorization.filter_keys(engine, repo, req.access, "r", [(r.res_type, r.res_id) for r in included])
+            included = [r for r in included if (r.res_type, r.res_id) in readable]
     if query.total == "none":
         total = None
     base = f"{req.base_url}/{path}" if path else (req.base_url if system else f"{req.base_url}/{types[0]}")
@@ -397,21 +407,27 @@ def _entry(engine: Engine, req: FhirRequest, row: Row, query: SearchQuery, mode:
     return {"fullUrl": f"{req.base_url}/{row.res_type}/{row.res_id}", "resource": resource, "search": {"mode": mode}}
 
 
-def matching_ids(engine: Engine, repo: Any, rtype: str, query: str, *, limit: int = 2) -> list[str]:
+def matching_ids(engine: Engine, repo: Any, rtype: str, query: str, *, limit: int = 2,
+                 constraint: Clause | None = None) -> list[str]:
     """Ids of ``rtype`` resources matching a search query string, inside an open unit of work.
 
     For conditional interactions (If-None-Exist, conditional update, delete and patch, and conditional
     references): unknown parameters are errors here, since ignoring one would match too much.
+    ``constraint`` (what the caller's access allows) is AND-ed in.
     """
-    from urllib.parse import parse_qsl
-
     pairs = parse_qsl(query, keep_blank_values=True)
     if not pairs:
         raise BadRequest(f"A conditional {rtype} needs search criteria", expression="query")
     if any(k in ("_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total") for k, _ in pairs):
         raise BadRequest("A conditional interaction takes search criteria only (no result parameters)", expression="query")
+    return ids_matching(engine, repo, rtype, pairs, () if constraint is None else (constraint,), limit=limit)
+
+
+def ids_matching(engine: Engine, repo: Any, rtype: str, pairs: list[tuple[str, str]], clauses: tuple[Clause, ...], *,
+                 limit: int) -> list[str]:
+    """Ids of ``rtype`` resources matching criteria ``pairs`` and ``clauses``, inside an open unit of work."""
     ctx = engine.contexts.for_repo(repo)
-    parsed = ctx.parser.parse((rtype,), pairs, strict=True)
+    parsed = ctx.parser.parse((rtype,), pairs, strict=True, extra={rtype: clauses} if clauses else None)
     store = SearchStore(repo)
     compiler = Compiler(repo.sealer.keys, ctx.extractor, "", materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
                         fetch_ids=store.ids_if_few)

@@ -84,6 +84,14 @@ class AnyOf:
 
 
 @dataclass(frozen=True, slots=True)
+class AllOf:
+    """Every one of the clauses (a scope's compartment and its criteria, as one option of an AnyOf)."""
+
+    clauses: tuple[Clause, ...]
+    raw_name: str
+
+
+@dataclass(frozen=True, slots=True)
 class InList:
     """``_list=id``: resources that List/id has as an entry item."""
 
@@ -91,7 +99,7 @@ class InList:
     raw_name: str
 
 
-Clause = Criterion | Chain | Has | AnyOf | InList
+Clause = Criterion | Chain | Has | AnyOf | AllOf | InList
 
 
 @dataclass(frozen=True, slots=True)

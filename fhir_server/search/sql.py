@@ -35,7 +35,7 @@ from fhir_server.search.extract import (
     trigrams,
     uri_prefixes,
 )
-from fhir_server.search.query import AnyOf, Chain, Clause, Criterion, Has, InList, split_prefix, split_unescaped, unescape
+from fhir_server.search.query import AllOf, AnyOf, Chain, Clause, Criterion, Has, InList, split_prefix, split_unescaped, unescape
 from fhir_server.security.crypto import TenantKeys
 from fhir_server.storage import schema
 from fhir_server.storage.indexing import url_hash
@@ -111,6 +111,8 @@ class Compiler:
             return cond
         if isinstance(clause, AnyOf):
             return or_(*(self.condition(o, rtype, out, top=False) for o in clause.options))
+        if isinstance(clause, AllOf):
+            return and_(*(self.condition(c, rtype, out, top=False) for c in clause.clauses))
         if isinstance(clause, Chain):
             targets = self._resolved(self._nested(clause.target_type, clause.inner, out))
             refs = select(REF.c.res_id).where(

@@ -1,0 +1,150 @@
+"""What a request's AccessContext allows, enforced in the engine and compiled into its queries.
+
+A SMART grant (``security/scopes.py``) allows some of create, read, update, delete and search on a
+resource type. It may be narrowed two ways, both expressed as search clauses:
+
+- a ``patient/`` grant: the resource must be in the launch patient's compartment (the official
+  Patient CompartmentDefinition);
+- granular criteria (``patient/Observation.rs?category=...laboratory``): the resource must match them.
+
+A resource is allowed when any one applicable grant allows it: the clauses of each grant are AND-ed,
+the grants OR-ed, and the result is AND-ed into the SQL of searches (never a filter on results), and
+checked by a query for single resources, inside the same unit of work as the interaction (a write is
+checked after it is written, and rolled back if it falls outside).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fhir_server.engine import compartments, search
+from fhir_server.errors import Forbidden
+from fhir_server.search.query import AllOf, AnyOf, Clause
+from fhir_server.security.access import AccessContext
+from fhir_server.security.scopes import Grant
+
+if TYPE_CHECKING:
+    from fhir_server.engine.custom_params import SearchContext
+    from fhir_server.engine.engine import Engine
+    from fhir_server.storage.repository import ResourceRepository
+
+VERBS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
+
+
+def grants(access: AccessContext, permission: str, rtype: str) -> list[Grant]:
+    """The grants allowing ``permission`` on ``rtype`` (Forbidden when there are none)."""
+    found = access.grants_for(permission, rtype)
+    if not found:
+        raise Forbidden(f"The access token's scopes do not allow {VERBS[permission]} of {rtype} resources")
+    return found
+
+
+def grants_unless_internal(access: AccessContext, permission: str, rtype: str) -> None:
+    """Forbidden unless the access allows ``permission`` on some resources of ``rtype``."""
+    if not access.internal:
+        grants(access, permission, rtype)
+
+
+def write_permission(engine: Engine, repo: ResourceRepository, access: AccessContext, rtype: str, rid: str, *,
+                     create_only: bool) -> str:
+    """Before a write: "c" (it creates) or "u" (it updates a resource the access may update); Forbidden otherwise."""
+    if access.internal:
+        return "c" if create_only else "u"
+    state = None if create_only else repo.current_state(rtype, rid)
+    if state is None or state.deleted:
+        grants(access, "c", rtype)
+        return "c"
+    grants(access, "u", rtype)
+    check_instance(engine, repo, access, "u", rtype, rid)
+    return "u"
+
+
+def reads_own_record(access: AccessContext, rtype: str, rid: str) -> bool:
+    """The ``fhirUser`` scope lets the logged-in user read their own FHIR resource (SMART App Launch 2,
+    "Scopes for requesting identity data"), whatever the clinical scopes say."""
+    return access.fhir_user == f"{rtype}/{rid}" and access.scopes.has("fhirUser")
+
+
+def permitted(access: AccessContext, permission: str, rtype: str) -> bool:
+    return access.internal or bool(access.grants_for(permission, rtype))
+
+
+def constraint(engine: Engine, ctx: SearchContext, access: AccessContext, permission: str, rtype: str) -> Clause | None:
+    """The clause a resource of ``rtype`` must satisfy for ``permission`` (None: any resource).
+
+    Forbidden when no grant applies, or when every applicable grant is a ``patient/`` one and there is
+    no launch patient, or the type is never in a patient's compartment.
+    """
+    if access.internal:
+        return None
+    options: list[Clause] = []
+    for grant in grants(access, permission, rtype):
+        parts: list[Clause] = []
+        if grant.context == "patient":
+            if access.patient is None:
+                continue
+            membership = compartments.membership(engine, "Patient", access.patient, rtype)
+            if membership is None:
+                continue
+            parts.append(membership)
+        if grant.query:
+            parts.extend(ctx.parser.parse((rtype,), list(grant.query), strict=True).by_type[rtype])
+        if not parts:
+            return None  # this grant alone allows every resource of the type
+        options.append(parts[0] if len(parts) == 1 else AllOf(tuple(parts), grant.text))
+    if not options:
+        raise Forbidden(
+            f"The access token's patient scopes do not reach {rtype} resources"
+            + ("" if access.patient else " (the token has no patient context)")
+        )
+    return options[0] if len(options) == 1 else AnyOf(tuple(options), "scopes")
+
+
+def check_instance(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str, rtype: str,
+                   rid: str) -> None:
+    """The resource as it now stands in this unit of work is within the grant (Forbidden otherwise)."""
+    check_instances(engine, repo, access, permission, rtype, [rid])
+
+
+def check_instances(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str, rtype: str,
+                    rids: list[str]) -> None:
+    if access.internal or not rids:
+        return
+    clause = constraint(engine, engine.contexts.for_repo(repo), access, permission, rtype)
+    if clause is None:
+        return
+    allowed = set(allowed_ids(engine, repo, rtype, rids, clause))
+    outside = [rid for rid in rids if rid not in allowed]
+    if outside:
+        raise Forbidden(f"{rtype}/{outside[0]} is outside what the access token's scopes allow ({VERBS[permission]})")
+
+
+def allowed_ids(engine: Engine, repo: ResourceRepository, rtype: str, rids: list[str], clause: Clause) -> list[str]:
+    """Those of ``rids`` that satisfy ``clause``."""
+    out: list[str] = []
+    for start in range(0, len(rids), 200):
+        chunk = rids[start : start + 200]
+        out.extend(search.ids_matching(engine, repo, rtype, [("_id", ",".join(chunk))], (clause,), limit=len(chunk)))
+    return out
+
+
+def filter_keys(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str,
+                keys: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Those of the (type, id) keys the access allows ``permission`` on (for included resources)."""
+    if access.internal:
+        return set(keys)
+    ctx = engine.contexts.for_repo(repo)
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in keys:
+        by_type.setdefault(rtype, []).append(rid)
+    kept: set[tuple[str, str]] = set()
+    for rtype, rids in by_type.items():
+        if not access.grants_for(permission, rtype):
+            continue
+        try:
+            clause = constraint(engine, ctx, access, permission, rtype)
+        except Forbidden:
+            continue
+        ids = rids if clause is None else allowed_ids(engine, repo, rtype, rids, clause)
+        kept.update((rtype, rid) for rid in ids)
+    return kept
