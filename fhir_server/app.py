@@ -12,7 +12,8 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from fhir_server import logs
-from fhir_server.api import health, routes
+from fhir_server.api import health, routes, smart
+from fhir_server.api.proxy import TrustedProxy
 from fhir_server.api.rendering import fhir_error, http_error, render_outcome, unexpected_error
 from fhir_server.capability.registry import load_registry
 from fhir_server.engine.engine import Engine
@@ -52,13 +53,37 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     app.register_blueprint(health.bp)
     app.register_blueprint(routes.bp)
+    app.register_blueprint(smart.bp)
+    if settings.cors_origins.strip():
+        _cors(app, settings)
+    if settings.trusted_proxy:
+        app.wsgi_app = TrustedProxy(app.wsgi_app, settings.trusted_proxy)  # type: ignore[method-assign]
     app.register_error_handler(FhirError, fhir_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(OperationalError, _database_unavailable)
     app.register_error_handler(Exception, unexpected_error)
     app.before_request(_start_request)
+    if settings.production:
+        app.before_request(_https_only)
     app.after_request(_finish_request)
     return app
+
+
+def _cors(app: Flask, settings: Settings) -> None:
+    """Browser apps from the configured origins may call the FHIR API and the token endpoints."""
+    from flask_cors import CORS
+
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    options = {
+        "origins": origins,
+        "allow_headers": ["Authorization", "Content-Type", "Accept", "Prefer", "If-Match", "If-None-Match",
+                          "If-None-Exist", "If-Modified-Since", "X-Request-Id"],
+        "expose_headers": ["Location", "Content-Location", "ETag", "Last-Modified", "X-Request-Id"],
+        "methods": ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        "max_age": 600,
+    }
+    # Patterns are regular expressions matched at the start of the path.
+    CORS(app, resources={r"/fhir/.*": options, r"/auth/[^/]+/(token|revoke|introspect|jwks|style\.json)$": options})
 
 
 def _database_unavailable(exc: OperationalError) -> Response:
@@ -78,10 +103,24 @@ def _start_request() -> None:
     logs.request_id.set(rid)
 
 
+OPEN_OVER_HTTP = ("/healthz", "/readyz")  # load balancers' health checks
+
+
+def _https_only() -> Response | None:
+    """In production every request but the health checks must have come over HTTPS (here, or to the trusted proxy)."""
+    if request.is_secure or request.path in OPEN_OVER_HTTP:
+        return None
+    outcome = operation_outcome([Issue("This server accepts HTTPS only", "security")])
+    return render_outcome(403, outcome, {})
+
+
 def _finish_request(response: Response) -> Response:
     rid = g.get("request_id")
     if rid:
         response.headers["X-Request-Id"] = rid
+    if request.is_secure:
+        response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
     started = g.get("started")
     if not access_log.isEnabledFor(logging.INFO):
         return response

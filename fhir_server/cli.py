@@ -1,8 +1,7 @@
-"""The ``fhir-server`` command: serve, migrate, tenants, keys."""
+"""The ``fhir-server`` command: serve, migrate, tenants, keys, reindex; clients, users, launch (cli_auth)."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -44,7 +43,10 @@ def main() -> None:
 @click.option("--port", default=None, type=int, help="Port (default FHIR_PORT, 8080).")
 @click.option("--workers", default=None, type=int, help="Worker processes (default FHIR_WORKERS).")
 @click.option("--threads", default=None, type=int, help="Threads per worker (default FHIR_THREADS).")
-def serve(host: str | None, port: int | None, workers: int | None, threads: int | None) -> None:
+@click.option("--tls-cert", default=None, help="PEM certificate: serve HTTPS (TLS 1.2 or newer) (default FHIR_TLS_CERT).")
+@click.option("--tls-key", default=None, help="PEM private key of --tls-cert (default FHIR_TLS_KEY).")
+def serve(host: str | None, port: int | None, workers: int | None, threads: int | None, tls_cert: str | None,
+          tls_key: str | None) -> None:
     """Run the server under gunicorn."""
     from fhir_server import logs
     from fhir_server.security.keys import provider_from_settings
@@ -53,15 +55,11 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     from fhir_server.storage.database import Database
 
     try:
-        settings = Settings.load(host=host, port=port, workers=workers, threads=threads)
+        settings = Settings.load(host=host, port=port, workers=workers, threads=threads, tls_cert=tls_cert, tls_key=tls_key)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level)
-    if not _is_loopback(settings.host):
-        raise click.ClickException(
-            f"refusing to bind to {settings.host}: until SMART authorization is enabled the server "
-            "listens on loopback addresses only (127.0.0.1, ::1, localhost)"
-        )
+    tls = _check_transport(settings)
     try:
         provider_from_settings(settings)  # make (or check) the master key before workers start
     except SettingsError as exc:
@@ -79,17 +77,29 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
             f"the database schema is at {current or 'nothing'}, this build needs {migrate.head_revision()}: "
             "run `fhir-server migrate` first"
         )
-    click.echo(f"fhir-server listening on http://{_host_for_url(settings.host)}:{settings.port}/fhir/default", err=True)
+    scheme = "https" if tls else "http"
+    click.echo(f"fhir-server listening on {scheme}://{_host_for_url(settings.host)}:{settings.port}/fhir/default", err=True)
     run(settings)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
+def _check_transport(settings: Settings) -> bool:
+    """True when the server itself speaks TLS. Production needs TLS here or a TLS-terminating proxy in front."""
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise click.ClickException("--tls-cert and --tls-key (FHIR_TLS_CERT, FHIR_TLS_KEY) go together")
+    if settings.tls_cert and settings.tls_key:
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(settings.tls_cert, settings.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise click.ClickException(f"cannot use the TLS certificate and key: {exc}") from None
         return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    if settings.production and not settings.trusted_proxy:
+        raise click.ClickException(
+            "refusing to serve plain HTTP in production: give --tls-cert and --tls-key, or set FHIR_TRUSTED_PROXY "
+            "to the address of the TLS-terminating proxy in front of this server"
+        )
+    return False
 
 
 def _host_for_url(host: str) -> str:
@@ -308,3 +318,13 @@ def keys_generate_master(output: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _register_auth_commands() -> None:
+    from fhir_server import cli_auth
+
+    cli_auth.register(main)
+    tenants.add_command(cli_auth.tenants_require_mfa)
+
+
+_register_auth_commands()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -31,6 +32,8 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
             "limit_request_line": 8190,
             "preload_app": False,
         }
+        if s.tls_cert and s.tls_key:
+            options.update(certfile=s.tls_cert, keyfile=s.tls_key, ssl_context=_tls_context)
         for key, value in options.items():
             self.cfg.set(key, value)
 
@@ -39,6 +42,14 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
         from fhir_server.app import create_app
 
         return create_app(self.settings)
+
+
+def _tls_context(config: Any, default_ssl_context_factory: Any) -> ssl.SSLContext:
+    """TLS 1.2 or newer only, with the default (strong) cipher suites."""
+    context: ssl.SSLContext = default_ssl_context_factory()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    return context
 
 
 def run(settings: Settings) -> None:

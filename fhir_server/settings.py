@@ -50,6 +50,11 @@ class _SettingsSchema(Schema):
     max_conditional_delete = mf.Integer(load_default=100, validate=validate.Range(min=1, max=100000))
     max_bundle_entries = mf.Integer(load_default=10000, validate=validate.Range(min=1))
     job_poll_seconds = mf.Float(load_default=10.0, validate=validate.Range(min=0.1))
+    auth_session_idle_seconds = mf.Integer(load_default=900, validate=validate.Range(min=30, max=86400))
+    cors_origins = mf.String(load_default="")
+    trusted_proxy = mf.String(load_default=None, allow_none=True)
+    tls_cert = mf.String(load_default=None, allow_none=True)
+    tls_key = mf.String(load_default=None, allow_none=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,11 @@ class Settings:
     max_conditional_delete: int = 100
     max_bundle_entries: int = 10000
     job_poll_seconds: float = 10.0
+    auth_session_idle_seconds: int = 900
+    cors_origins: str = ""  # comma-separated origins allowed to call from browsers (CORS)
+    trusted_proxy: str | None = None  # the address of a TLS-terminating proxy whose X-Forwarded-* headers count
+    tls_cert: str | None = None  # PEM certificate (chain) to serve HTTPS with
+    tls_key: str | None = None  # its PEM private key
 
     @property
     def production(self) -> bool:

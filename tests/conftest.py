@@ -16,6 +16,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from testsupport.auth import AuthorizedClient
 from testsupport.backends import BACKENDS, DatabaseUrls, database_urls
 from fhir_server.app import create_app
 from fhir_server.capability.registry import Registry, load_registry
@@ -126,4 +127,6 @@ def app(settings: Settings) -> Iterator[Flask]:
 
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
+    """A test client that authorizes itself (a full-access token of whichever tenant a URL names)."""
+    app.test_client_class = AuthorizedClient
     return app.test_client()

@@ -27,7 +27,7 @@ from sqlalchemy.pool import NullPool
 from fhir_server.storage import schema
 from testsupport.backends import DatabaseUrls
 from testsupport.cli import admin_or_owner, cli_environment
-from testsupport.server import free_port, start_server, stop_server
+from testsupport.server import backend_client, client_credentials_token, free_port, start_server, stop_server
 
 ENTRIES = 1000
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
@@ -90,13 +90,15 @@ def test_sigkill_mid_transaction_leaves_nothing_and_the_retry_succeeds(fresh_db:
     env.update(FHIR_PORT=str(free_port()), FHIR_WORKERS="1", FHIR_THREADS="2", FHIR_LOG_LEVEL="WARNING")
     admin = admin_or_owner(fresh_db)
     body = json.dumps(transaction())
+    client = backend_client(env)
     proc, root = start_server(env, tmp_path / "server.log", new_session=True)
     base = f"{root}/fhir/default"
+    headers = {**FHIR_JSON, "Authorization": f"Bearer {client_credentials_token(root, client)}"}
     outcome: dict[str, Any] = {}
 
     def send() -> None:
         try:
-            outcome["status"] = requests.post(base, data=body, headers=FHIR_JSON, timeout=300).status_code
+            outcome["status"] = requests.post(base, data=body, headers=headers, timeout=300).status_code
         except requests.RequestException as exc:
             outcome["error"] = exc
 
@@ -126,14 +128,14 @@ def test_sigkill_mid_transaction_leaves_nothing_and_the_retry_succeeds(fresh_db:
 
     proc, root = start_server(env, tmp_path / "server.log", new_session=True)
     try:
-        resp = requests.post(base, data=body, headers=FHIR_JSON, timeout=300)
+        resp = requests.post(base, data=body, headers=headers, timeout=300)
         assert resp.status_code == 200, resp.text[:1000]
         statuses = {e["response"]["status"][:3] for e in resp.json()["entry"]}
         assert statuses == {"201"}
         counts = row_counts(admin)
         assert counts["resources"] == counts["resource_versions"] == ENTRIES
         found = requests.get(f"{base}/Observation", params={"subject:Patient.identifier": "http://kill.example/mrn|7",
-                                                             "_total": "accurate"}, headers=FHIR_JSON, timeout=60).json()
+                                                             "_total": "accurate"}, headers=headers, timeout=60).json()
         assert found["total"] == 9
     finally:
         stop_server(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,8 @@ def fhir_server_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "fhir_server.cli"]
 
 
-def start_server(env: dict[str, str], log_path: Path, *, new_session: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(env: dict[str, str], log_path: Path, *, new_session: bool = False,
+                 https: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     """Run ``fhir-server serve`` with ``env`` (FHIR_PORT set) until /readyz answers; (process, root URL).
 
     ``new_session`` puts gunicorn and its workers in a process group of their own, to kill them all.
@@ -32,11 +34,11 @@ def start_server(env: dict[str, str], log_path: Path, *, new_session: bool = Fal
     proc = subprocess.Popen([*fhir_server_command(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=new_session)
     log.close()
-    root = f"http://127.0.0.1:{env['FHIR_PORT']}"
+    root = f"{'https' if https else 'http'}://127.0.0.1:{env['FHIR_PORT']}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            if requests.get(f"{root}/readyz", timeout=2).status_code == 200:
+            if requests.get(f"{root}/readyz", timeout=2, verify=False).status_code == 200:
                 return proc, root
         except requests.ConnectionError:
             pass
@@ -53,3 +55,20 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def backend_client(env: dict[str, str], tenant: str = "default", scope: str = "system/*.cruds") -> dict[str, str]:
+    """A confidential backend-services client of ``tenant``, made with ``fhir-server clients create``."""
+    out = subprocess.run([*fhir_server_command(), "clients", "create", "--tenant", tenant, "--name", "test-suite",
+                          "--scope", scope, "--secret"], env=env, check=True, capture_output=True, timeout=120)
+    client: dict[str, str] = json.loads(out.stdout)
+    return client
+
+
+def client_credentials_token(root: str, client: dict[str, str], tenant: str = "default", scope: str = "system/*.cruds") -> str:
+    """An access token for ``client`` from the tenant's token endpoint (client_secret_basic)."""
+    resp = requests.post(f"{root}/auth/{tenant}/token", data={"grant_type": "client_credentials", "scope": scope},
+                         auth=(client["client_id"], client["client_secret"]), timeout=30)
+    resp.raise_for_status()
+    token: str = resp.json()["access_token"]
+    return token

@@ -10,11 +10,15 @@ from fhir_server import fhirjson
 from fhir_server.api import negotiation
 from fhir_server.api.rendering import render
 from fhir_server.engine.request import FhirRequest
+from fhir_server.engine.storage_errors import storage_errors
 from fhir_server.errors import BadRequest, NotFound, UnsupportedMediaType
+from fhir_server.security.access import ANONYMOUS
+from fhir_server.security.oauth.bearer import access_for
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
     from fhir_server.settings import Settings
+    from fhir_server.storage.store import Storage
 
 bp = Blueprint("fhir", __name__)
 
@@ -41,11 +45,19 @@ def fhir(tenant: str, rest: str) -> Response:
     elif request.method in ("POST", "PUT", "PATCH"):
         body, content_type = _read_body(settings)
     prefer_return, prefer_handling = _prefer(request.headers.get("Prefer"))
+    base_url = _base_url(settings, tenant)
+    if segments == ("metadata",) and request.method in ("GET", "HEAD"):
+        access = ANONYMOUS  # the CapabilityStatement is open: it says how to get a token
+    else:
+        storage: Storage = current_app.extensions["fhir_storage"]
+        with storage_errors(tenant):
+            access = access_for(storage, tenant, base_url, request.headers.get("Authorization"))
     req = FhirRequest(
         method=request.method,
         tenant=tenant,
         path=segments,
-        base_url=_base_url(settings, tenant),
+        base_url=base_url,
+        access=access,
         params=tuple(params),
         body=body,
         if_match=request.headers.get("If-Match"),

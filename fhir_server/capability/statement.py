@@ -8,6 +8,7 @@ from typing import Any
 from fhir_server import __version__
 from fhir_server.capability.registry import Registry
 from fhir_server.clock import instant
+from fhir_server.security.oauth import smart_security
 
 TYPE_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type", "create")
 SYSTEM_INTERACTIONS = ("history-system",)
@@ -67,8 +68,7 @@ def capability_statement(registry: Registry, base_url: str, started_at: int, fea
         rest["searchParam"] = features.system_search_params
     if features.operations:
         rest["operation"] = features.operations
-    if features.security:
-        rest["security"] = features.security
+    rest["security"] = features.security or smart_security(base_url)
     statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",

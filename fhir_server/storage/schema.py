@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     Table,
+    false,
 )
 
 metadata = MetaData()
@@ -38,6 +39,8 @@ tenants = Table(
     Column("data_key_version", Integer, nullable=False),  # the data-key version used for new writes
     # Bumped whenever a SearchParameter of the tenant is written: the tenant's custom parameters changed.
     Column("search_epoch", Integer, nullable=False, server_default="0"),
+    # Every user of the tenant must pass TOTP multi-factor authentication to log in.
+    Column("require_mfa", Boolean, nullable=False, server_default=false()),
 )
 
 # Keys of a tenant, each wrapped (encrypted) by a master key. purpose: "data" keys seal
@@ -230,7 +233,131 @@ reindex_jobs = Table(
     Index("ix_reindex_jobs_status", "status", "lease_until"),
 )
 
+# --- SMART on FHIR authorization (security/oauth) -----------------------------------------------------
+# Secrets are never stored: client secrets, codes, tokens, launch ids and session ids as SHA-256 digests
+# (they are long random strings), passwords as scrypt hashes, TOTP seeds and signing keys sealed with
+# the tenant's data key.
+
+oauth_clients = Table(
+    "oauth_clients",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("kind", String(32), nullable=False),  # public | confidential-symmetric | confidential-asymmetric
+    Column("secret_hash", LargeBinary(32), nullable=True),
+    Column("redirect_uris", Text, nullable=False),  # JSON list
+    Column("scope", Text, nullable=False),  # what the client may ask for
+    Column("jwks", Text, nullable=True),  # JSON Web Key Set, for private_key_jwt
+    Column("jwks_uri", Text, nullable=True),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "client_id", name="pk_oauth_clients"),
+)
+
+oauth_users = Table(
+    "oauth_users",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("username", String(128), nullable=False),
+    Column("password_hash", Text, nullable=False),
+    Column("fhir_user", String(200), nullable=True),  # e.g. Practitioner/123
+    Column("roles", Text, nullable=False),  # JSON list: clinician, emergency-access, ...
+    Column("mfa_secret", LargeBinary, nullable=True),  # sealed TOTP seed
+    Column("mfa_required", Boolean, nullable=False),
+    Column("mfa_last_step", BigInteger, nullable=False),  # the last TOTP step accepted: a code is used once
+    Column("failed_logins", Integer, nullable=False),
+    Column("locked_until", BigInteger, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "username", name="pk_oauth_users"),
+)
+
+oauth_codes = Table(
+    "oauth_codes",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("code_hash", LargeBinary(32), nullable=False),
+    Column("grant_id", String(64), nullable=False),  # the tokens issued from it share it (revoked together)
+    Column("client_id", String(64), nullable=False),
+    Column("username", String(128), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("scope", Text, nullable=False),
+    Column("context", Text, nullable=False),  # JSON: patient, encounter, break_glass, nonce, ...
+    Column("code_challenge", String(128), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("used_at", BigInteger, nullable=True),
+    PrimaryKeyConstraint("tenant_id", "code_hash", name="pk_oauth_codes"),
+)
+
+oauth_tokens = Table(
+    "oauth_tokens",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("token_hash", LargeBinary(32), nullable=False),
+    Column("kind", String(8), nullable=False),  # access | refresh
+    Column("grant_id", String(64), nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("username", String(128), nullable=True),
+    Column("scope", Text, nullable=False),
+    Column("context", Text, nullable=False),  # JSON: patient, encounter, fhirUser, break_glass, ...
+    Column("issued_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+    PrimaryKeyConstraint("tenant_id", "token_hash", name="pk_oauth_tokens"),
+    Index("ix_oauth_tokens_grant", "tenant_id", "grant_id"),
+)
+
+oauth_launches = Table(
+    "oauth_launches",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("launch_hash", LargeBinary(32), nullable=False),
+    Column("context", Text, nullable=False),  # JSON: patient, encounter
+    Column("created_by", String(128), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "launch_hash", name="pk_oauth_launches"),
+)
+
+oauth_jtis = Table(  # client assertion ids seen, until they expire: a replayed assertion is refused
+    "oauth_jtis",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("jti", String(255), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "client_id", "jti", name="pk_oauth_jtis"),
+)
+
+oauth_sessions = Table(  # the login pages' server-side sessions
+    "oauth_sessions",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("session_hash", LargeBinary(32), nullable=False),
+    Column("username", String(128), nullable=True),
+    Column("stage", String(16), nullable=False),  # anonymous | password | done
+    Column("csrf", String(64), nullable=False),
+    Column("pending", Text, nullable=True),  # JSON: the authorization request being answered, and choices so far
+    Column("created_at", BigInteger, nullable=False),
+    Column("last_seen", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "session_hash", name="pk_oauth_sessions"),
+)
+
+oauth_keys = Table(  # the server's signing keys (id_token), per tenant
+    "oauth_keys",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("kid", String(64), nullable=False),
+    Column("private_key", LargeBinary, nullable=False),  # sealed PEM
+    Column("public_jwk", Text, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "kid", name="pk_oauth_keys"),
+)
+
+OAUTH_TABLES = ("oauth_clients", "oauth_users", "oauth_codes", "oauth_tokens", "oauth_launches", "oauth_jtis",
+                "oauth_sessions", "oauth_keys")
+
 INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference", "idx_composite")
 
 # Tables whose rows belong to one tenant: partitioned and row-level secured on PostgreSQL.
-TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES, "search_param_state")
+TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES, "search_param_state", *OAUTH_TABLES)

@@ -8,7 +8,10 @@ import pytest
 from sqlalchemy import func, select, text
 
 from fhir_server.engine.engine import Engine
+from fhir_server.clock import now_us
 from fhir_server.errors import NotFound, PreconditionFailed
+from fhir_server.security.oauth.server import signing_key
+from fhir_server.security.oauth.store import AuthStore
 from fhir_server.storage import schema, tenants
 from fhir_server.storage.store import Storage
 
@@ -59,6 +62,18 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
                                                    "type": "token", "expression": "Patient.gender"})
     call(engine, a, "PUT", "RiskAssessment/r", {"resourceType": "RiskAssessment", "id": "r", "status": "final",
                                                 "subject": {"reference": "Patient/x"}, "prediction": [{"probabilityDecimal": 0.5}]})
+    with storage.session(a, write=True) as repo:  # and the authorization server's records
+        store = AuthStore(repo)
+        client_id, _ = store.create_client(name="c", kind="public", scope="patient/*.rs", redirect_uris=["https://app/cb"],
+                                           jwks=None, jwks_uri=None)
+        store.create_user(username="u", password_hash="x", fhir_user=None, roles=[], mfa_required=False)
+        store.save_code("code", grant_id="g", client_id=client_id, username="u", redirect_uri="https://app/cb", scope="",
+                        context={}, code_challenge="c", lifetime_s=60)
+        store.save_token("tok", kind="access", grant_id="g", client_id=client_id, username="u", scope="", context={}, lifetime_s=60)
+        store.create_launch({"patient": "x"}, created_by="u")
+        store.remember_jti(client_id, "jti", now_us() + 60_000_000)
+        store.create_session()
+        signing_key(store)
     with storage.db.transaction(write=False) as conn:
         tid_a = tenants.lookup(conn, a).id
     for table in schema.TENANT_TABLES:

@@ -1,0 +1,477 @@
+"""SMART on FHIR over HTTP: discovery, the authorization server's endpoints, and its login pages.
+
+- ``GET /fhir/{tenant}/.well-known/smart-configuration``: discovery (no authentication).
+- ``/auth/{tenant}/authorize`` (GET or POST): the authorization request; the user then passes the
+  login page, the TOTP page where multi-factor authentication is due, the patient picker where the app
+  asked for ``launch/patient`` and has no patient yet, and the consent page, where scopes can be
+  unticked. Plain HTML forms that work without JavaScript, with labelled inputs.
+- ``/auth/{tenant}/token``, ``/introspect``, ``/revoke``, ``/jwks``; ``/launch`` (an EHR makes a
+  launch id for a patient, with a bearer token that may read that patient).
+
+The pages keep their state in a server-side session (a random id in an HttpOnly cookie scoped to the
+tenant's /auth path, idle timeout ``FHIR_AUTH_SESSION_IDLE_SECONDS``); every form carries the
+session's CSRF token. Each request runs in one database transaction of the tenant.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
+
+from authlib.oauth2.rfc6749 import OAuth2Error, OAuth2Request
+from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
+from flask import Blueprint, Response, current_app, g, redirect, render_template, request
+
+from fhir_server.clock import now_us
+from fhir_server.engine.request import FhirRequest
+from fhir_server.engine.storage_errors import storage_errors
+from fhir_server.errors import BadRequest, FhirError
+from fhir_server.fhirjson import dumps, loads_stored
+from fhir_server.security import passwords
+from fhir_server.security.access import INTERNAL
+from fhir_server.security.oauth import auth_base_for
+from fhir_server.security.oauth import server as oauth
+from fhir_server.security.oauth.bearer import access_for
+from fhir_server.security.oauth.store import AuthStore, SessionRecord, UserRecord
+from fhir_server.security.scopes import parse_scopes
+
+if TYPE_CHECKING:
+    from fhir_server.engine.engine import Engine
+    from fhir_server.settings import Settings
+    from fhir_server.storage.store import Storage
+
+bp = Blueprint("smart", __name__, template_folder="templates", static_folder="static", static_url_path="/auth-static")
+SERVER = oauth.SmartAuthorizationServer()
+COOKIE = "fhir_auth"
+EMERGENCY_ROLE = "emergency-access"
+
+CAPABILITIES = [
+    "launch-ehr", "launch-standalone", "authorize-post",
+    "client-public", "client-confidential-symmetric", "client-confidential-asymmetric",
+    "sso-openid-connect", "context-ehr-patient", "context-ehr-encounter", "context-standalone-patient",
+    "context-banner", "context-style", "permission-offline", "permission-online", "permission-patient",
+    "permission-user", "permission-v1", "permission-v2",
+]
+SCOPES_SUPPORTED = [
+    "openid", "fhirUser", "profile", "launch", "launch/patient", "launch/encounter", "offline_access", "online_access",
+    "patient/*.cruds", "user/*.cruds", "system/*.cruds", "patient/*.rs", "user/*.rs", "system/*.rs",
+    "patient/*.read", "patient/*.write", "user/*.read", "user/*.write", "system/*.read", "system/*.write",
+]
+STYLE = {
+    "color_background": "#edeae3", "color_error": "#9e2d2d", "color_highlight": "#69b5ce", "color_modal_backdrop": "",
+    "color_success": "#498e49", "color_text": "#303030", "dim_border_radius": "6px", "dim_font_size": "13px",
+    "dim_spacing_size": "20px", "font_family_body": "Georgia, Times, 'Times New Roman', serif",
+    "font_family_heading": "'HelveticaNeue-Light', Helvetica, Arial, 'Lucida Grande', sans-serif;",
+}
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.extensions["fhir_settings"]
+    return settings
+
+
+def _root() -> str:
+    settings = _settings()
+    return settings.base_url.rstrip("/") if settings.base_url else request.host_url.rstrip("/") + request.script_root
+
+
+def fhir_base(tenant: str) -> str:
+    return f"{_root()}/fhir/{tenant}"
+
+
+def auth_base(tenant: str) -> str:
+    return auth_base_for(fhir_base(tenant))
+
+
+@contextmanager
+def _oauth(tenant: str) -> Iterator[oauth.OAuthScope]:
+    """The tenant's authorization records, in one database transaction, for Authlib's callbacks."""
+    storage: Storage = current_app.extensions["fhir_storage"]
+    engine: Engine = current_app.extensions["fhir_engine"]
+    with storage_errors(tenant), storage.session(tenant, write=True) as repo:
+        g.oauth = oauth.OAuthScope(AuthStore(repo), engine, tenant, fhir_base(tenant), auth_base(tenant))
+        try:
+            yield g.oauth
+        finally:
+            g.pop("oauth", None)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> Response:
+    return Response(dumps(body), status=status, content_type="application/json",
+                    headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+# --- discovery --------------------------------------------------------------------------------------
+
+def _endpoints(tenant: str) -> dict[str, str]:
+    """The issuer and endpoints both discovery documents name (404 for an unknown tenant)."""
+    with _oauth(tenant):
+        pass  # the tenant exists
+    auth = auth_base(tenant)
+    return {"issuer": fhir_base(tenant), "jwks_uri": f"{auth}/jwks", "authorization_endpoint": f"{auth}/authorize",
+            "token_endpoint": f"{auth}/token"}
+
+
+@bp.get("/fhir/<tenant>/.well-known/smart-configuration")
+def smart_configuration(tenant: str) -> Response:
+    auth = auth_base(tenant)
+    return _json({
+        **_endpoints(tenant),
+        "introspection_endpoint": f"{auth}/introspect",
+        "revocation_endpoint": f"{auth}/revoke",
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "response_types_supported": ["code"],
+        "scopes_supported": SCOPES_SUPPORTED,
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post"],
+        "token_endpoint_auth_signing_alg_values_supported": oauth.ASSERTION_ALGORITHMS,
+        "capabilities": CAPABILITIES,
+    })
+
+
+@bp.get("/fhir/<tenant>/.well-known/openid-configuration")
+def openid_configuration(tenant: str) -> Response:
+    """OpenID Connect discovery for the ID tokens this server signs (its issuer is the FHIR base URL)."""
+    return _json({
+        **_endpoints(tenant),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": ["openid", "fhirUser", "profile"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "nonce", "fhirUser"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post", "none"],
+        "code_challenge_methods_supported": ["S256"],
+    })
+
+
+@bp.get("/auth/<tenant>/jwks")
+def jwks(tenant: str) -> Response:
+    with _oauth(tenant) as scope:
+        return _json(oauth.jwks(scope.store))
+
+
+@bp.get("/auth/<tenant>/style.json")
+def style(tenant: str) -> Response:
+    return _json(STYLE)
+
+
+# --- token, introspection, revocation ----------------------------------------------------------------------
+
+@bp.post("/auth/<tenant>/token")
+def token(tenant: str) -> Response:
+    with _oauth(tenant):
+        response: Response = SERVER.create_token_response()
+    return response
+
+
+@bp.post("/auth/<tenant>/introspect")
+def introspect(tenant: str) -> Response:
+    with _oauth(tenant):
+        response: Response = SERVER.create_endpoint_response("introspection")
+    return response
+
+
+@bp.post("/auth/<tenant>/revoke")
+def revoke(tenant: str) -> Response:
+    with _oauth(tenant):
+        response: Response = SERVER.create_endpoint_response("revocation")
+    return response
+
+
+@bp.post("/auth/<tenant>/launch")
+def launch(tenant: str) -> Response:
+    """An EHR's launch: ``patient`` (and ``encounter``) in, an opaque launch id out. The bearer token must
+    allow reading that patient (a user/ or system/ grant)."""
+    storage: Storage = current_app.extensions["fhir_storage"]
+    engine: Engine = current_app.extensions["fhir_engine"]
+    with storage_errors(tenant):
+        access = access_for(storage, tenant, fhir_base(tenant), request.headers.get("Authorization"))
+    data = request.get_json(silent=True) if request.is_json else request.form
+    if not isinstance(data, dict) or not isinstance(data.get("patient"), str):
+        raise BadRequest("A launch needs the patient's id (patient) and optionally an encounter id (encounter)", expression="patient")
+    context: dict[str, Any] = {"patient": data["patient"]}
+    engine.handle(FhirRequest("GET", tenant, ("Patient", data["patient"]), fhir_base(tenant), access))
+    if isinstance(data.get("encounter"), str):
+        context["encounter"] = data["encounter"]
+        engine.handle(FhirRequest("GET", tenant, ("Encounter", data["encounter"]), fhir_base(tenant), access))
+    with _oauth(tenant) as scope:
+        launch_id = scope.store.create_launch(context, created_by=access.subject or "unknown")
+    return _json({"launch": launch_id, **context})
+
+
+# --- the authorization request and its pages ---------------------------------------------------------------
+
+class PendingRequest(OAuth2Request):  # type: ignore[misc]
+    """The authorization request as it was received, answered once the user has logged in and consented."""
+
+    def __init__(self, params: dict[str, str], uri: str) -> None:
+        super().__init__("GET", uri)
+        self.payload = BasicOAuth2Payload(params)
+        self._params = params
+        self.smart_context: dict[str, Any] = {}
+
+    @property
+    def args(self) -> dict[str, str]:
+        return self._params
+
+    @property
+    def form(self) -> dict[str, str]:
+        return {}
+
+
+@bp.route("/auth/<tenant>/authorize", methods=["GET", "POST"])
+def authorize(tenant: str) -> Response:
+    with _oauth(tenant) as scope:
+        try:
+            grant = SERVER.get_consent_grant(end_user=None)
+        except OAuth2Error as error:
+            return _authorize_error(error)
+        params = {k: v for k, v in request.values.items()}
+        redirect_uri = grant.redirect_uri
+        if params.get("aud", "").rstrip("/") != scope.fhir_base:
+            return _redirect_error(redirect_uri, "invalid_request", "aud must be this server's FHIR base URL", params.get("state"))
+        if not params.get("state"):
+            return _redirect_error(redirect_uri, "invalid_request", "state is required", None)
+        context: dict[str, Any] = {}
+        if params.get("launch"):
+            launched = scope.store.launch(params["launch"])
+            if launched is None:
+                return _redirect_error(redirect_uri, "invalid_request", "the launch is unknown or expired", params["state"])
+            context.update(launched, launch=True)
+        if params.get("nonce"):
+            context["nonce"] = params["nonce"][:256]
+        sid, session = _session(scope.store)
+        session.pending = {"params": params, "context": context, "client": grant.client.record.name,
+                           "scope": grant.request.scope or ""}
+        scope.store.save_session(sid, session)
+        return _with_cookie(redirect(_next_page(tenant, scope.store, session)), tenant, sid)
+
+
+def _authorize_error(error: OAuth2Error) -> Response:
+    """An invalid authorization request: back to the client when its redirect_uri is known good, else a page."""
+    if getattr(error, "redirect_uri", None):
+        response: Response = SERVER.handle_error_response(None, error)
+        return response
+    return _page("error.html", status=400, message=error.get_error_description() or error.error)
+
+
+def _redirect_error(redirect_uri: str, error: str, description: str, state: str | None) -> Response:
+    query = {"error": error, "error_description": description, **({"state": state} if state else {})}
+    separator = "&" if urlsplit(redirect_uri).query else "?"
+    return redirect(f"{redirect_uri}{separator}{urlencode(query)}")  # type: ignore[return-value]
+
+
+def _session(store: AuthStore) -> tuple[str, SessionRecord]:
+    """The browser's login session, or a new one."""
+    sid = request.cookies.get(COOKIE, "")
+    record = store.session(sid, idle_s=_settings().auth_session_idle_seconds) if sid else None
+    if record is None:
+        sid, record = store.create_session()
+    return sid, record
+
+
+def _with_cookie(response: Any, tenant: str, sid: str) -> Response:
+    response.set_cookie(COOKIE, sid, httponly=True, secure=request.is_secure, samesite="Lax", path=f"/auth/{tenant}/")
+    return response  # type: ignore[no-any-return]
+
+
+def _next_page(tenant: str, store: AuthStore, session: SessionRecord) -> str:
+    base = f"{request.script_root}/auth/{tenant}"
+    if session.pending is None:
+        return f"{base}/login"
+    if session.stage != "done":
+        return f"{base}/mfa" if session.stage == "password" else f"{base}/login"
+    if _needs_patient(session):
+        return f"{base}/patient"
+    return f"{base}/consent"
+
+
+def _needs_patient(session: SessionRecord) -> bool:
+    pending = session.pending or {}
+    wants = "launch/patient" in str(pending.get("scope", "")).split()
+    return wants and not pending.get("context", {}).get("patient")
+
+
+def _page(template: str, status: int = 200, **values: Any) -> Response:
+    response = Response(render_template(template, **values), status=status, content_type="text/html; charset=utf-8")
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def _form_ok(session: SessionRecord) -> bool:
+    return hmac.compare_digest(request.form.get("csrf", ""), session.csrf)
+
+
+def _current(scope: oauth.OAuthScope) -> tuple[str, SessionRecord] | None:
+    sid = request.cookies.get(COOKIE, "")
+    record = scope.store.session(sid, idle_s=_settings().auth_session_idle_seconds) if sid else None
+    return (sid, record) if record is not None else None
+
+
+def _expired(tenant: str) -> Response:
+    return _page("error.html", status=400, message="Your session has expired or was not found. Go back to the app and start again.")
+
+
+@bp.route("/auth/<tenant>/login", methods=["GET", "POST"])
+def login(tenant: str) -> Response:
+    with _oauth(tenant) as scope:
+        found = _current(scope)
+        if found is None or found[1].pending is None:
+            return _expired(tenant)
+        sid, session = found
+        pending: dict[str, Any] = session.pending or {}
+        if request.method == "GET":
+            return _page("login.html", tenant=tenant, csrf=session.csrf, client=pending["client"])
+        if not _form_ok(session):
+            return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
+        username = request.form.get("username", "")[:128]
+        password = request.form.get("password", "")
+        user = scope.store.user(username)
+        error = _check_password(scope.store, user, username, password)
+        if error:
+            return _page("login.html", status=401, tenant=tenant, csrf=session.csrf, client=pending["client"],
+                         error=error, username=username)
+        assert user is not None
+        scope.store.login_succeeded(username)
+        needs_mfa = user.mfa_required or scope.store.tenant_requires_mfa()
+        if needs_mfa and not user.has_mfa:
+            return _page("login.html", status=403, tenant=tenant, csrf=session.csrf, client=pending["client"],
+                         error="This account needs a second factor but has none enrolled; ask an administrator.")
+        # A new session id once the password is right (no fixation), carrying the request along.
+        scope.store.end_session(sid)
+        sid, fresh = scope.store.create_session()
+        fresh.username, fresh.pending = username, session.pending
+        fresh.stage = "password" if needs_mfa else "done"
+        scope.store.save_session(sid, fresh)
+        return _with_cookie(redirect(_next_page(tenant, scope.store, fresh)), tenant, sid)
+
+
+def _check_password(store: AuthStore, user: UserRecord | None, username: str, password: str) -> str | None:
+    """None when the password is right; else what to tell the user (never whether the account exists)."""
+    if user is None or not user.active:
+        passwords.verify_password(password, passwords.DUMMY_HASH)  # the same time either way
+        return "Wrong username or password."
+    if user.locked_until > now_us():
+        passwords.verify_password(password, passwords.DUMMY_HASH)
+        return "Too many failed attempts: the account is locked for a while."
+    if not passwords.verify_password(password, user.password_hash):
+        store.login_failed(username)
+        return "Wrong username or password."
+    return None
+
+
+@bp.route("/auth/<tenant>/mfa", methods=["GET", "POST"])
+def mfa(tenant: str) -> Response:
+    with _oauth(tenant) as scope:
+        found = _current(scope)
+        if found is None or found[1].stage != "password" or not found[1].username:
+            return _expired(tenant)
+        sid, session = found
+        if request.method == "GET":
+            return _page("mfa.html", tenant=tenant, csrf=session.csrf)
+        if not _form_ok(session):
+            return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
+        username = session.username
+        assert username is not None
+        user = scope.store.user(username)
+        secret = scope.store.mfa_secret(username)
+        if user is None or secret is None or user.locked_until > now_us():
+            return _page("mfa.html", status=401, tenant=tenant, csrf=session.csrf, error="The code could not be checked.")
+        step = passwords.totp_step(secret, request.form.get("code", ""))
+        if step is None or not scope.store.use_mfa_step(username, step):
+            scope.store.login_failed(username)
+            return _page("mfa.html", status=401, tenant=tenant, csrf=session.csrf, error="Wrong or already used code.")
+        session.stage = "done"
+        scope.store.save_session(sid, session)
+        return redirect(_next_page(tenant, scope.store, session))  # type: ignore[return-value]
+
+
+@bp.route("/auth/<tenant>/patient", methods=["GET", "POST"])
+def patient(tenant: str) -> Response:
+    with _oauth(tenant) as scope:
+        found = _current(scope)
+        if found is None or found[1].stage != "done" or found[1].pending is None:
+            return _expired(tenant)
+        sid, session = found
+        pending: dict[str, Any] = session.pending or {}
+        if request.method == "POST":
+            if not _form_ok(session):
+                return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
+            chosen = request.form.get("patient", "")
+            if _patients(scope, tenant, {"_id": chosen}):
+                pending["context"]["patient"] = chosen
+                scope.store.save_session(sid, session)
+                return redirect(_next_page(tenant, scope.store, session))  # type: ignore[return-value]
+        query = request.args.get("name", "")[:100]
+        listed = _patients(scope, tenant, {"name": query} if query else {})
+        return _page("patient.html", tenant=tenant, csrf=session.csrf, patients=listed, name=query)
+
+
+def _patients(scope: oauth.OAuthScope, tenant: str, criteria: dict[str, str]) -> list[dict[str, str]]:
+    """Patients to pick from (an authenticated user picks among the tenant's patients)."""
+    params = (*criteria.items(), ("_count", "20"), ("_sort", "family"), ("_elements", "name,birthDate,gender"))
+    try:
+        bundle = scope.engine.handle(FhirRequest("GET", tenant, ("Patient",), scope.fhir_base, INTERNAL, params=tuple(params)))
+    except FhirError:
+        return []
+    out = []
+    for entry in loads_stored(dumps(bundle.body)).get("entry", []):
+        resource = entry["resource"]
+        name: dict[str, Any] = next(iter(resource.get("name") or []), {})
+        display = name.get("text") or " ".join([*name.get("given", []), name.get("family", "")]).strip() or "(no name)"
+        out.append({"id": resource["id"], "name": display, "birthDate": resource.get("birthDate", ""),
+                    "gender": resource.get("gender", "")})
+    return out
+
+
+@bp.route("/auth/<tenant>/consent", methods=["GET", "POST"])
+def consent(tenant: str) -> Response:
+    with _oauth(tenant) as scope:
+        found = _current(scope)
+        if found is None or found[1].stage != "done" or found[1].pending is None or not found[1].username:
+            return _expired(tenant)
+        sid, session = found
+        pending: dict[str, Any] = session.pending or {}
+        user = scope.store.user(session.username or "")
+        if user is None or not user.active or _needs_patient(session):
+            return _expired(tenant)
+        requested = parse_scopes(pending["scope"], lenient=True).text
+        emergency = EMERGENCY_ROLE in user.roles
+        if request.method == "GET":
+            return _page("consent.html", tenant=tenant, csrf=session.csrf, client=pending["client"], scopes=requested,
+                         user=user.username, patient=pending["context"].get("patient"), emergency=emergency)
+        if not _form_ok(session):
+            return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
+        req = PendingRequest(dict(pending["params"]), request.url)
+        session.pending = None
+        scope.store.save_session(sid, session)
+        if request.form.get("decision") != "approve":
+            return _finish(req, None)
+        chosen = set(request.form.getlist("scope"))
+        granted = [s for s in requested if s in chosen]
+        context = dict(pending["context"])
+        reason = request.form.get("break_glass_reason", "").strip()
+        if emergency and request.form.get("break_glass") and reason:
+            context["break_glass"] = reason[:500]
+            if oauth.BREAK_GLASS_SCOPE not in granted:
+                granted.append(oauth.BREAK_GLASS_SCOPE)
+        context.setdefault("smart_style_url", f"{scope.auth_base}/style.json")
+        req.payload = BasicOAuth2Payload({**req._params, "scope": " ".join(granted)})
+        req.smart_context = context
+        return _finish(req, oauth.User(user))
+
+
+def _finish(req: PendingRequest, user: oauth.User | None) -> Response:
+    try:
+        grant = SERVER.get_authorization_grant(req)
+    except OAuth2Error as error:
+        return _authorize_error(error)
+    response: Response = SERVER.create_authorization_response(request=req, grant_user=user, grant=grant)
+    return response
+

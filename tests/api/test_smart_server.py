@@ -1,0 +1,226 @@
+"""The authorization server's own rules, through the Flask app: tokens bound to their tenant, lockout,
+CSRF, idle sessions, secrets at rest, EHR launches, CORS. (The SMART flows themselves are in
+conformance_tests/test_smart*.py, over HTTP.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import select, update
+
+from fhir_server.app import create_app
+from fhir_server.clock import now_us
+from fhir_server.security import passwords
+from fhir_server.security.oauth.store import LOCKOUT_FAILURES, SECOND, AuthStore
+from fhir_server.settings import Settings
+from fhir_server.storage import schema
+from fhir_server.storage.store import Storage
+from testsupport.auth import mint_token
+
+REDIRECT = "https://app.example/callback"
+PASSWORD = "a long enough password"
+
+
+def _store(storage: Storage, tenant: str) -> Any:
+    return storage.session(tenant, write=True)
+
+
+@pytest.fixture
+def raw(app: Flask) -> FlaskClient:
+    app.test_client_class = FlaskClient
+    return app.test_client()
+
+
+@pytest.fixture
+def registered(storage: Storage, tenant: str) -> dict[str, str]:
+    with _store(storage, tenant) as repo:
+        store = AuthStore(repo)
+        client_id, _ = store.create_client(name="Test app", kind="public", scope="launch/patient patient/*.rs openid fhirUser",
+                                           redirect_uris=[REDIRECT], jwks=None, jwks_uri=None)
+        store.create_user(username="nurse", password_hash=passwords.hash_password(PASSWORD), fhir_user="Practitioner/n",
+                          roles=["clinician"], mfa_required=False)
+    return {"client_id": client_id, "tenant": tenant}
+
+
+def _authorize(raw: FlaskClient, reg: dict[str, str]) -> Any:
+    params = {"response_type": "code", "client_id": reg["client_id"], "redirect_uri": REDIRECT, "scope": "patient/*.rs",
+              "state": "s1", "aud": f"http://localhost/fhir/{reg['tenant']}", "code_challenge": "x" * 43,
+              "code_challenge_method": "S256"}
+    resp = raw.get(f"/auth/{reg['tenant']}/authorize?{urlencode(params)}")
+    assert resp.status_code == 302, resp.data
+    return resp
+
+
+def _csrf(page: bytes) -> str:
+    found = re.search(rb'name="csrf" value="([^"]+)"', page)
+    assert found
+    return found.group(1).decode()
+
+
+def test_tokens_are_bound_to_their_tenant(client: FlaskClient, storage: Storage, new_tenant: Any) -> None:
+    a, b = new_tenant("a"), new_tenant("b")
+    token = mint_token(storage, a)
+    assert client.get(f"/fhir/{a}/Patient", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    resp = client.get(f"/fhir/{b}/Patient", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 401 and 'error="invalid_token"' in resp.headers["WWW-Authenticate"]
+
+
+def test_expired_and_revoked_tokens_are_401(client: FlaskClient, storage: Storage, tenant: str) -> None:
+    expired = mint_token(storage, tenant, lifetime_s=-1)
+    assert client.get(f"/fhir/{tenant}/Patient", headers={"Authorization": f"Bearer {expired}"}).status_code == 401
+    token = mint_token(storage, tenant)
+    with _store(storage, tenant) as repo:
+        AuthStore(repo).revoke_token(token)
+    assert client.get(f"/fhir/{tenant}/Patient", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_a_patient_scope_without_a_patient_allows_nothing(client: FlaskClient, storage: Storage, tenant: str) -> None:
+    token = mint_token(storage, tenant, scope="patient/*.rs")
+    resp = client.get(f"/fhir/{tenant}/Observation", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 403 and resp.json["resourceType"] == "OperationOutcome"  # type: ignore[index]
+
+
+def test_login_locks_after_repeated_failures(raw: FlaskClient, registered: dict[str, str], storage: Storage) -> None:
+    t = registered["tenant"]
+    _authorize(raw, registered)
+    csrf = _csrf(raw.get(f"/auth/{t}/login").data)
+    for _ in range(LOCKOUT_FAILURES):
+        resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nurse", "password": "wrong"})
+        assert resp.status_code == 401 and b"Wrong username or password" in resp.data
+    resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nurse", "password": PASSWORD})
+    assert resp.status_code == 401 and b"locked" in resp.data
+    # An unknown user gets the same answer as a wrong password (no account enumeration).
+    resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nobody", "password": "x"})
+    assert resp.status_code == 401 and b"Wrong username or password" in resp.data
+    with _store(storage, t) as repo:  # the lock ends after a while
+        repo.conn.execute(update(schema.oauth_users).where(schema.oauth_users.c.username == "nurse").values(locked_until=now_us() - 1))
+    resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nurse", "password": PASSWORD})
+    assert resp.status_code == 302
+
+
+def test_forms_need_the_sessions_csrf_token(raw: FlaskClient, registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    _authorize(raw, registered)
+    resp = raw.post(f"/auth/{t}/login", data={"csrf": "forged", "username": "nurse", "password": PASSWORD})
+    assert resp.status_code == 400
+    other = raw.application.test_client()  # another browser: no session at all
+    assert other.post(f"/auth/{t}/login", data={"csrf": "x", "username": "nurse", "password": PASSWORD}).status_code == 400
+
+
+def test_login_pages_are_plain_forms_with_labels_and_safe_headers(raw: FlaskClient, registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    _authorize(raw, registered)
+    resp = raw.get(f"/auth/{t}/login")
+    assert resp.status_code == 200 and b"<script" not in resp.data
+    for field in (b"username", b"password"):
+        assert b'<label for="' + field + b'">' in resp.data and b'id="' + field + b'"' in resp.data
+    assert resp.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["Cache-Control"] == "no-store"
+    cookie = resp.headers.get("Set-Cookie") or _authorize(raw, registered).headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and f"Path=/auth/{t}/" in cookie
+
+
+def test_sessions_expire_after_inactivity(raw: FlaskClient, registered: dict[str, str], storage: Storage, settings: Settings) -> None:
+    t = registered["tenant"]
+    _authorize(raw, registered)
+    assert raw.get(f"/auth/{t}/login").status_code == 200
+    with _store(storage, t) as repo:
+        idle = now_us() - (settings.auth_session_idle_seconds + 1) * SECOND
+        repo.conn.execute(update(schema.oauth_sessions).values(last_seen=idle))
+    resp = raw.get(f"/auth/{t}/login")
+    assert resp.status_code == 400 and b"expired" in resp.data
+
+
+def test_password_reset_by_a_new_login_session_id(raw: FlaskClient, registered: dict[str, str]) -> None:
+    """The session id changes once the password is right (no session fixation)."""
+    t = registered["tenant"]
+    before = _authorize(raw, registered).headers["Set-Cookie"].split(";")[0]
+    csrf = _csrf(raw.get(f"/auth/{t}/login").data)
+    resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nurse", "password": PASSWORD})
+    assert resp.status_code == 302
+    after = resp.headers["Set-Cookie"].split(";")[0]
+    assert after != before
+
+
+def test_secrets_at_rest(storage: Storage, registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    token = mint_token(storage, t)
+    with _store(storage, t) as repo:
+        store = AuthStore(repo)
+        secret = passwords.new_totp_secret()
+        store.set_mfa_secret("nurse", secret)
+        row = repo.conn.execute(select(schema.oauth_users).where(schema.oauth_users.c.tenant_id == repo.tenant.id,
+                                                            schema.oauth_users.c.username == "nurse")).one()
+        assert row.password_hash.startswith("scrypt$") and PASSWORD not in row.password_hash
+        assert secret.encode() not in bytes(row.mfa_secret)
+        assert store.mfa_secret("nurse") == secret
+        assert token.encode() not in b"".join(bytes(r.token_hash) for r in repo.conn.execute(select(schema.oauth_tokens.c.token_hash)))
+
+
+def test_totp_codes_work_once(storage: Storage, registered: dict[str, str]) -> None:
+    secret = passwords.new_totp_secret()
+    import pyotp
+
+    step = passwords.totp_step(secret, pyotp.TOTP(secret).now())
+    assert step is not None
+    assert passwords.totp_step(secret, "000000" if pyotp.TOTP(secret).now() != "000000" else "111111") is None
+    with _store(storage, registered["tenant"]) as repo:
+        store = AuthStore(repo)
+        assert store.use_mfa_step("nurse", step) is True
+        assert store.use_mfa_step("nurse", step) is False  # replayed
+        assert store.use_mfa_step("nurse", step - 1) is False  # older
+
+
+def test_ehr_launch_api(client: FlaskClient, storage: Storage, tenant: str) -> None:
+    assert client.put(f"/fhir/{tenant}/Patient/p1", json={"resourceType": "Patient", "id": "p1"}).status_code == 201
+    assert client.put(f"/fhir/{tenant}/Patient/p2", json={"resourceType": "Patient", "id": "p2"}).status_code == 201
+    ehr = mint_token(storage, tenant, scope="user/*.rs")
+    resp = client.post(f"/auth/{tenant}/launch", json={"patient": "p1"}, headers={"Authorization": f"Bearer {ehr}"})
+    assert resp.status_code == 200 and resp.json["launch"] and resp.json["patient"] == "p1"  # type: ignore[index]
+    assert resp.headers["Cache-Control"] == "no-store"
+    assert client.post(f"/auth/{tenant}/launch", json={"patient": "p1"}).status_code == 401
+    only_p2 = mint_token(storage, tenant, scope="patient/*.rs", patient="p2")
+    assert client.post(f"/auth/{tenant}/launch", json={"patient": "p1"},
+                       headers={"Authorization": f"Bearer {only_p2}"}).status_code == 403
+    assert client.post(f"/auth/{tenant}/launch", json={"patient": "nope"},
+                       headers={"Authorization": f"Bearer {ehr}"}).status_code == 404
+    assert client.post(f"/auth/{tenant}/launch", json={}, headers={"Authorization": f"Bearer {ehr}"}).status_code == 400
+
+
+@pytest.fixture
+def cors_app(settings: Settings) -> Iterator[Flask]:
+    application = create_app(dataclasses.replace(settings, cors_origins="https://app.example"))
+    yield application
+    application.extensions["fhir_storage"].db.dispose()
+
+
+def test_cors_for_configured_origins_only(cors_app: Flask, tenant: str) -> None:
+    http = cors_app.test_client()
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "authorization"}
+    resp = http.options(f"/fhir/{tenant}/Patient", headers=preflight)
+    assert resp.status_code == 200, resp.data
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "authorization" in resp.headers["Access-Control-Allow-Headers"].lower()
+    resp = http.post(f"/auth/{tenant}/token", headers={"Origin": "https://app.example"}, data={"grant_type": "x"})
+    assert resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    resp = http.options(f"/fhir/{tenant}/Patient", headers={**preflight, "Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in resp.headers
+    assert "Access-Control-Allow-Origin" not in http.get(f"/auth/{tenant}/login", headers={"Origin": "https://app.example"}).headers
+
+
+def test_authorize_errors_before_the_client_is_known_stay_on_the_server(raw: FlaskClient, registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    resp = raw.get(f"/auth/{t}/authorize?response_type=code&client_id=unknown&redirect_uri=https://evil.example/")
+    assert resp.status_code == 400 and "Location" not in resp.headers
+    resp = raw.get(f"/auth/{t}/authorize?response_type=token&client_id={registered['client_id']}&redirect_uri={REDIRECT}&state=s")
+    assert resp.status_code == 302
+    query = parse_qs(urlsplit(resp.headers["Location"]).query)
+    assert query["error"] == ["unsupported_response_type"] and resp.headers["Location"].startswith(REDIRECT)
