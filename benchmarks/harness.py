@@ -75,6 +75,22 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
+    client: dict[str, str] | None = None  # a backend-services client (fhir-server clients create --secret)
+    _token: tuple[float, str] | None = None
+
+    def headers(self) -> dict[str, str]:
+        """What every request to a fhir-server carries: a fresh access token (client_credentials, renewed well
+        before its five minutes are up), and X-Forwarded-Proto from the trusted "proxy" (the benchmark itself)."""
+        if self.client is None:
+            return {}
+        if self._token is None or time.monotonic() - self._token[0] > 200:
+            root = self.base_url.split("/fhir/")[0]
+            r = requests.post(f"{root}/auth/default/token", data={"grant_type": "client_credentials", "scope": "system/*.cruds"},
+                              auth=(self.client["client_id"], self.client["client_secret"]),
+                              headers={"X-Forwarded-Proto": "https"}, timeout=30)
+            r.raise_for_status()
+            self._token = (time.monotonic(), r.json()["access_token"])
+        return {"Authorization": f"Bearer {self._token[1]}", "X-Forwarded-Proto": "https"}
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
@@ -120,6 +136,7 @@ def start_fhir_server(db: Database, workdir: Path, *, cipher: str = "aes-256-gcm
         FHIR_ACCESS_LOG="false",
         FHIR_CIPHER=cipher,
         FHIR_MAX_PAGE_SIZE="1000",
+        FHIR_TRUSTED_PROXY="127.0.0.1",  # production serves HTTPS only: the benchmark plays the TLS-terminating proxy
         **(extra_env or {}),
     )
     if cipher == "null":
@@ -132,7 +149,9 @@ def start_fhir_server(db: Database, workdir: Path, *, cipher: str = "aes-256-gcm
     proc = subprocess.Popen([str(BIN / "fhir-server"), "serve"], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     root = f"http://127.0.0.1:{port}"
     _wait_ready(f"{root}/readyz", proc, log)
-    return Server(f"{root}/fhir/default", proc, log, env)
+    out = subprocess.run([str(BIN / "fhir-server"), "clients", "create", "--tenant", "default", "--name", "benchmark",
+                          "--scope", "system/*.cruds", "--secret"], env=env, check=True, capture_output=True, text=True)
+    return Server(f"{root}/fhir/default", proc, log, env, client=json.loads(out.stdout))
 
 
 def start_gunicorn_app(app_spec: str, workdir: Path, env_extra: dict[str, str], *, workers: int = 3, threads: int = 2) -> Server:
@@ -177,7 +196,9 @@ class WrkResult:
     raw: dict[str, Any]
 
 
-def wrk(url: str, script: str, args: list[str], *, connections: int, threads: int, seconds: int) -> WrkResult:
+def wrk(url: str, script: str, args: list[str], *, connections: int, threads: int, seconds: int,
+        headers: dict[str, str] | None = None) -> WrkResult:
+    """Run wrk with a Lua script; ``headers`` go on every request (common.lua reads them from BENCH_HEADERS)."""
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (make bench installs the Debian package)")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -186,6 +207,7 @@ def wrk(url: str, script: str, args: list[str], *, connections: int, threads: in
         ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--timeout", "10s",
          "-s", str(LUA / script), url, "--", *args],
         capture_output=True, text=True, timeout=seconds + 60,
+        env={**os.environ, "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items())},
     )
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "quick" if args.quick else "full",
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"patients": patients, "seconds": seconds, "workers": 3, "threads": 2,
-                     "auth": "not yet implemented", "audit": "not yet implemented", "encryption": "aes-256-gcm"},
+                     "auth": "SMART backend-services bearer token on every request", "audit": "not yet implemented", "encryption": "aes-256-gcm"},
         "workloads": {},
         "baselines": {},
     }
@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         paths = _write_paths(work, server, bundles)
         w = results["workloads"]
         w["W2"] = {
-            "1 connection": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=1, threads=1, seconds=seconds).__dict__,
-            "16 connections": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=16, threads=2, seconds=seconds).__dict__,
+            "1 connection": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=1, threads=1, seconds=seconds, headers=server.headers()).__dict__,
+            "16 connections": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=16, threads=2, seconds=seconds, headers=server.headers()).__dict__,
         }
         _log("W2 done")
-        w["W3"] = wrk(server.base_url, "crud.lua", [_path(server), "w3"], connections=32, threads=32, seconds=seconds).__dict__
+        w["W3"] = wrk(server.base_url, "crud.lua", [_path(server), "w3"], connections=32, threads=32, seconds=seconds, headers=server.headers()).__dict__
         _log("W3 done")
-        w["W4"] = wrk(server.base_url, "paths.lua", [str(paths["search"])], connections=16, threads=2, seconds=seconds).__dict__
+        w["W4"] = wrk(server.base_url, "paths.lua", [str(paths["search"])], connections=16, threads=2, seconds=seconds, headers=server.headers()).__dict__
         _log("W4 done")
         w["W5"] = count_workload(server, paths, seconds)
         _log("W5 done")
@@ -131,7 +131,7 @@ def ingest(server: Server, bundles: list[dict[str, Any]], *, uploaders: int) -> 
         http = getattr(sessions, "http", None)
         if http is None:
             http = sessions.http = requests.Session()
-        r = http.post(server.base_url, data=json.dumps(bundle), headers=FHIR_JSON, timeout=300)
+        r = http.post(server.base_url, data=json.dumps(bundle), headers={**FHIR_JSON, **server.headers()}, timeout=300)
         if r.status_code != 200:
             raise RuntimeError(f"ingest failed: {r.status_code} {r.text[:300]}")
         return len(bundle["entry"])
@@ -184,10 +184,10 @@ def _write_paths(work: Path, server: Server, bundles: list[dict[str, Any]]) -> d
 
 def count_workload(server: Server, paths: dict[str, Path], seconds: int) -> dict[str, Any]:
     url = f"{_path(server)}Observation?code=http://loinc.org|8480-6&_summary=count"
-    matches = requests.get(server.base_url.split("/fhir/")[0] + url, timeout=60).json()["total"]
+    matches = requests.get(server.base_url.split("/fhir/")[0] + url, headers=server.headers(), timeout=60).json()["total"]
     file = paths["reads"].parent / "count.txt"
     file.write_text(url + "\n")
-    r = wrk(server.base_url, "paths.lua", [str(file)], connections=4, threads=2, seconds=seconds)
+    r = wrk(server.base_url, "paths.lua", [str(file)], connections=4, threads=2, seconds=seconds, headers=server.headers())
     return {**r.__dict__, "matches_per_request": matches, "matches_counted_per_s": round(matches * r.rps)}
 
 
@@ -197,12 +197,14 @@ def readout(server: Server) -> dict[str, Any]:
     total = pages = 0
     started = time.monotonic()
     while url:
-        r = http.get(url, timeout=300)
+        r = http.get(url, headers=server.headers(), timeout=300)
         r.raise_for_status()
         bundle = r.json()
         total += len(bundle.get("entry", []))
         pages += 1
         url = next((l["url"] for l in bundle["link"] if l["relation"] == "next"), None)
+        if url:  # the server names its public (https) URL; the benchmark plays the proxy that terminates TLS
+            url = url.replace("https://", "http://", 1)
     elapsed = time.monotonic() - started
     return {"resources": total, "pages": pages, "seconds": round(elapsed, 2), "resources_per_s": round(total / elapsed, 1)}
 
@@ -222,6 +224,7 @@ def chain_queries(server: Server, db: Database) -> dict[str, Any]:
     from fhir_server.capability.registry import load_registry
     from fhir_server.engine.engine import Engine
     from fhir_server.engine.request import FhirRequest
+    from fhir_server.security.access import INTERNAL
     from fhir_server.security.crypto import cipher_named
     from fhir_server.security.keys import provider_from_settings
     from fhir_server.settings import Settings
@@ -230,7 +233,8 @@ def chain_queries(server: Server, db: Database) -> dict[str, Any]:
     from sqlalchemy import event
 
     http = requests.Session()
-    observations = http.get(f"{server.base_url}/Observation", params={"_summary": "count"}, timeout=60).json()["total"]
+    observations = http.get(f"{server.base_url}/Observation", params={"_summary": "count"}, headers=server.headers(),
+                            timeout=60).json()["total"]
     settings = Settings.load(environ=server.env, background_jobs=False)
     fhir_db = FhirDatabase(settings.effective_database_url, settings)
     engine = Engine(load_registry(), Storage(fhir_db, provider_from_settings(settings), cipher_named(settings.cipher), settings), settings)
@@ -240,7 +244,7 @@ def chain_queries(server: Server, db: Database) -> dict[str, Any]:
         total = None
         for _ in range(20):
             started = time.monotonic()
-            r = http.get(f"{server.base_url}/{rtype}", params=params, timeout=60)
+            r = http.get(f"{server.base_url}/{rtype}", params=params, headers=server.headers(), timeout=60)
             times.append(time.monotonic() - started)
             r.raise_for_status()
             total = r.json().get("total")
@@ -251,7 +255,7 @@ def chain_queries(server: Server, db: Database) -> dict[str, Any]:
                 captured.append((statement, parameters))
 
         event.listen(fhir_db.engine, "before_cursor_execute", capture)
-        engine.handle(FhirRequest("GET", "default", (rtype,), server.base_url, params=tuple(params)))
+        engine.handle(FhirRequest("GET", "default", (rtype,), server.base_url, INTERNAL, params=tuple(params)))
         event.remove(fhir_db.engine, "before_cursor_execute", capture)
         plan: list[str] = []
         if captured:
@@ -275,14 +279,16 @@ def baselines(work: Path, db: Database, server: Server, paths: dict[str, Path], 
     try:
         fixed = work / "fixed.txt"
         fixed.write_text("/fixed\n")
-        out["B_http"] = wrk(http.base_url, "paths.lua", [str(fixed)], connections=16, threads=2, seconds=seconds).__dict__
+        out["B_http"] = wrk(http.base_url, "paths.lua", [str(fixed)], connections=16, threads=2, seconds=seconds,
+                             headers=server.headers()).__dict__  # the same request headers as the server gets
     finally:
         http.stop()
     pk = start_gunicorn_app("benchmarks.baseline_app:pk_app()", work / "b_pk", {**server.env, "BENCH_IDS_FILE": str(paths["ids"])})
     try:
         pk_path = work / "pk.txt"
         pk_path.write_text("/pk\n")
-        out["B_pk"] = wrk(pk.base_url, "paths.lua", [str(pk_path)], connections=16, threads=2, seconds=seconds).__dict__
+        out["B_pk"] = wrk(pk.base_url, "paths.lua", [str(pk_path)], connections=16, threads=2, seconds=seconds,
+                           headers=server.headers()).__dict__
     finally:
         pk.stop()
     out["B_copy"] = copy_baseline(db)
@@ -340,8 +346,8 @@ def encryption_cost(work: Path, admin_url: str, bundles: list[dict[str, Any]], s
     for round_ in range(5):
         order = list(pair.items()) if round_ % 2 == 0 else list(reversed(pair.items()))
         for cipher, srv in order:
-            c = wrk(srv.base_url, "crud.lua", [_path(srv), f"enc{round_}", "create-only"], connections=16, threads=16, seconds=span)
-            r = wrk(srv.base_url, "paths.lua", [str(reads)], connections=16, threads=2, seconds=span)
+            c = wrk(srv.base_url, "crud.lua", [_path(srv), f"enc{round_}", "create-only"], connections=16, threads=16, seconds=span, headers=srv.headers())
+            r = wrk(srv.base_url, "paths.lua", [str(reads)], connections=16, threads=2, seconds=span, headers=srv.headers())
             runs[cipher]["create"].append(c.rps)
             runs[cipher]["read"].append(r.rps)
     median = {c: {k: sorted(v)[len(v) // 2] for k, v in w.items()} for c, w in runs.items()}

@@ -21,4 +21,19 @@ function M.read_lines(path)
   return lines
 end
 
+-- The headers every request carries (the access token, the proxy's X-Forwarded-Proto), given by the harness
+-- in BENCH_HEADERS ("Name: value" lines), added to ``base``.
+function M.headers(base)
+  local h = {}
+  for k, v in pairs(base or {}) do h[k] = v end
+  local extra = os.getenv("BENCH_HEADERS")
+  if extra then
+    for line in extra:gmatch("[^\n]+") do
+      local name, value = line:match("^([^:]+):%s*(.*)$")
+      if name then h[name] = value end
+    end
+  end
+  return h
+end
+
 return M

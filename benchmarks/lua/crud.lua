@@ -13,7 +13,7 @@ end
 
 local base, run, create_only
 local i = 0
-local json = { ["Content-Type"] = "application/fhir+json" }
+local json, plain
 local templates = {
   { "Patient", '{"resourceType":"Patient","id":"%s","name":[{"family":"Bench","given":["Cycle"]}],"gender":"other","birthDate":"1980-01-01"}' },
   { "Observation", '{"resourceType":"Observation","id":"%s","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/pat-000001"},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}' },
@@ -28,6 +28,8 @@ local templates = {
 
 function init(args)
   base, run, create_only = args[1], args[2], args[3] == "create-only"
+  json = common.headers({ ["Content-Type"] = "application/fhir+json" })
+  plain = common.headers()
 end
 
 function request()
@@ -44,9 +46,9 @@ function request()
   if op == 0 or op == 1 then
     return wrk.format("PUT", path, json, string.format(t[2], id))
   elseif op == 2 then
-    return wrk.format("GET", path)
+    return wrk.format("GET", path, plain)
   end
-  return wrk.format("DELETE", path)
+  return wrk.format("DELETE", path, plain)
 end
 
 done = common.done

@@ -1,5 +1,5 @@
 -- GET a random path from a file (one absolute path per line): reads by id, and search mixes.
--- wrk -s paths.lua URL -- FILE [AUTH_HEADER]
+-- wrk -s paths.lua URL -- FILE   (headers from BENCH_HEADERS, see common.lua)
 package.path = package.path .. ";" .. debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua"
 local common = require("common")
 local paths
@@ -7,7 +7,7 @@ local headers = {}
 
 function init(args)
   paths = common.read_lines(args[1])
-  if args[2] then headers["Authorization"] = args[2] end
+  headers = common.headers()
   math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)"), 16) % 100000)
 end
 
