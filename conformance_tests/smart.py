@@ -179,6 +179,7 @@ class Choices:
     """What the user does on the pages."""
 
     untick: tuple[str, ...] = ()  # scopes to untick on the consent page
+    tick: tuple[str, ...] = ()  # offered narrower (granular) scopes to tick
     patient: str | None = None  # the patient to pick, when asked
     deny: bool = False
     break_glass_reason: str | None = None
@@ -224,7 +225,7 @@ def login_at(url: str, redirect_uri: str, user: User, choices: Choices | None = 
             data.append(("patient", choices.patient or next(v for n, v, _ in form["boxes"] if n == "patient")))
         else:  # consent
             for n, v, checked in form["boxes"]:
-                if n == "scope" and checked and v not in choices.untick:
+                if n == "scope" and ((checked and v not in choices.untick) or v in choices.tick):
                     data.append((n, v))
             if choices.break_glass_reason:
                 data = [(n, v) for n, v in data if n != "break_glass_reason"]

@@ -1,5 +1,5 @@
 """A standalone launch in a real browser (headless Chromium driven by Selenium): the login page, the
-TOTP page, the patient picker and the consent page with one scope unticked, then the code exchange
+TOTP page, the patient picker and the consent page with one scope unticked and one narrowed to a category, then the code exchange
 and reads and searches inside and outside the grant.
 
 Chromium and its driver come from the Debian packages ``chromium`` and ``chromium-driver``
@@ -29,6 +29,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+LAB_SCOPE = "patient/Observation.rs?category=http://terminology.hl7.org/CodeSystem/observation-category|laboratory"
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1200,900")
@@ -91,13 +92,20 @@ def test_standalone_launch_in_a_browser(smart_setup: SmartSetup, browser: webdri
     radio.click()
     browser.find_element(By.ID, "choose").click()
 
-    # Consent: every requested scope is listed and ticked; untick Encounter.
+    # Consent: every requested scope is listed and ticked. Untick Encounter; narrow Observation to laboratory
+    # results (open the choices under it, untick the whole scope, tick the category).
     wait.until(expected_conditions.presence_of_element_located((By.ID, "approve")))
-    boxes = {b.get_attribute("value"): b for b in browser.find_elements(By.CSS_SELECTOR, "input[name=scope]")}
+    boxes = {b.get_attribute("value"): b for b in browser.find_elements(By.CSS_SELECTOR, "fieldset > ul > li > input[name=scope]")}
     assert set(boxes) == set(scope.split())
     assert all(b.is_selected() for b in boxes.values())
     boxes["patient/Encounter.rs"].click()
     assert not boxes["patient/Encounter.rs"].is_selected()
+    boxes["patient/Observation.rs"].click()
+    observation_item = boxes["patient/Observation.rs"].find_element(By.XPATH, "..")
+    observation_item.find_element(By.TAG_NAME, "summary").click()
+    lab = observation_item.find_element(By.CSS_SELECTOR, f"input[value='{LAB_SCOPE}']")
+    assert not lab.is_selected()
+    lab.click()
     browser.find_element(By.ID, "approve").click()
 
     # Back at the app with a code.
@@ -114,14 +122,16 @@ def test_standalone_launch_in_a_browser(smart_setup: SmartSetup, browser: webdri
     assert resp.status_code == 200, resp.text
     token = resp.json()
     assert token["patient"] == setup.patient
-    assert set(token["scope"].split()) == set(scope.split()) - {"patient/Encounter.rs"}
+    assert set(token["scope"].split()) == set(scope.split()) - {"patient/Encounter.rs", "patient/Observation.rs"} | {LAB_SCOPE}
     assert token["id_token"]
 
     fhir = FhirClient(setup.fhir_base).with_token(token["access_token"])
     # Inside the grant.
     assert fhir.get(f"Patient/{setup.patient}").status_code == 200
     observations = fhir.get("Observation", params={"patient": setup.patient})
-    assert observations.status_code == 200 and len(observations.json()["entry"]) >= 2
+    assert observations.status_code == 200
+    categories = [c["code"] for e in observations.json()["entry"] for cat in e["resource"]["category"] for c in cat["coding"]]
+    assert categories == ["laboratory"]  # the vital-signs Observation is outside the narrowed grant
     # Outside it: the unticked scope, another patient, a write.
     assert fhir.get(f"Encounter/{setup.encounter}").status_code == 403
     assert fhir.get("Encounter", params={"patient": setup.patient}).status_code == 403

@@ -32,7 +32,7 @@ def test_fhirclient_standalone_launch_with_pkce(smart_setup: SmartSetup) -> None
 
     from fhirclient.models.observation import Observation
 
-    found = Observation.where({"patient": setup.patient}).perform_resources(app.server)
+    found = list(Observation.where({"patient": setup.patient}).perform_resources_iter(app.server))
     assert len(found) >= 2 and all(o.subject.reference == f"Patient/{setup.patient}" for o in found)
 
     from fhirclient.models.patient import Patient
@@ -60,5 +60,5 @@ def test_fhirclient_backend_services_with_a_signed_jwt(smart_setup: SmartSetup) 
 
     patient = Patient.read(setup.other_patient, app.server)
     assert patient.name[0].family == "Zebra"
-    bundle = Patient.where({"_id": f"{setup.patient},{setup.other_patient}"}).perform_resources(app.server)
+    bundle = list(Patient.where({"_id": f"{setup.patient},{setup.other_patient}"}).perform_resources_iter(app.server))
     assert {p.id for p in bundle} == {setup.patient, setup.other_patient}

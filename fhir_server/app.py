@@ -104,6 +104,7 @@ def _start_request() -> None:
 
 
 OPEN_OVER_HTTP = ("/healthz", "/readyz")  # load balancers' health checks
+_OPEN_TO_EVERY_ORIGIN = re.compile(r"/fhir/[^/]+/(metadata|\.well-known/(smart|openid)-configuration)|/auth/[^/]+/jwks")
 
 
 def _https_only() -> Response | None:
@@ -121,6 +122,8 @@ def _finish_request(response: Response) -> Response:
     if request.is_secure:
         response.headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if _OPEN_TO_EVERY_ORIGIN.fullmatch(request.path) and "Access-Control-Allow-Origin" not in response.headers:
+        response.headers["Access-Control-Allow-Origin"] = "*"  # discovery is public: any browser app may read it
     started = g.get("started")
     if not access_log.isEnabledFor(logging.INFO):
         return response

@@ -316,10 +316,6 @@ def keys_generate_master(output: Path) -> None:
     click.echo(f"wrote a new master key to {output} (mode 0600); back it up: without it the data is lost")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 def _register_auth_commands() -> None:
     from fhir_server import cli_auth
 
@@ -328,3 +324,6 @@ def _register_auth_commands() -> None:
 
 
 _register_auth_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from fhir_server.security.oauth import app_launch
 from fhir_server.security.oauth.store import AuthStore
 
 
@@ -208,7 +209,9 @@ def launch() -> None:
 @click.option("--tenant", required=True)
 @click.option("--patient", required=True, help="The patient's id (the launch's patient context).")
 @click.option("--encounter", help="The encounter's id (encounter context).")
-def launch_create(tenant: str, patient: str, encounter: str | None) -> None:
+@click.option("--app-launch-url", help="The app's launch URL: the output then has the URL to open, with iss and launch.")
+@click.option("--iss", help="The FHIR base URL apps see (default: FHIR_BASE_URL/fhir/TENANT).")
+def launch_create(tenant: str, patient: str, encounter: str | None, app_launch_url: str | None, iss: str | None) -> None:
     """Make a launch id binding patient (and encounter) context; prints it as JSON."""
     context: dict[str, Any] = {"patient": patient, **({"encounter": encounter} if encounter else {})}
     with _store(tenant) as store:
@@ -218,4 +221,18 @@ def launch_create(tenant: str, patient: str, encounter: str | None) -> None:
                 if found is None or found.deleted:
                     raise click.ClickException(f"no {rtype}/{rid} in tenant {tenant}")
         launch_id = store.create_launch(context, created_by="fhir-server launch create")
-    _print({"launch": launch_id, **context})
+    out: dict[str, Any] = {"launch": launch_id, **context}
+    if app_launch_url:
+        base = _settings_base_url()
+        issuer = iss or (f"{base.rstrip('/')}/fhir/{tenant}" if base else None)
+        if issuer is None:
+            raise click.UsageError("--app-launch-url needs --iss (or FHIR_BASE_URL) to name the FHIR server to the app")
+        out["app_launch_url"] = app_launch(app_launch_url, issuer, launch_id)
+    _print(out)
+
+
+def _settings_base_url() -> str | None:
+    from fhir_server.settings import Settings
+
+    return Settings.load().base_url
+

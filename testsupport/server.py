@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import requests
@@ -38,7 +39,10 @@ def start_server(env: dict[str, str], log_path: Path, *, new_session: bool = Fal
     deadline = time.monotonic() + 60
     while True:
         try:
-            if requests.get(f"{root}/readyz", timeout=2, verify=False).status_code == 200:
+            with warnings.catch_warnings():  # a self-signed test certificate: readiness only, nothing sent
+                warnings.simplefilter("ignore")
+                ready = requests.get(f"{root}/readyz", timeout=2, verify=False).status_code == 200
+            if ready:
                 return proc, root
         except requests.ConnectionError:
             pass

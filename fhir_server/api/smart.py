@@ -32,11 +32,11 @@ from fhir_server.errors import BadRequest, FhirError
 from fhir_server.fhirjson import dumps, loads_stored
 from fhir_server.security import passwords
 from fhir_server.security.access import INTERNAL
-from fhir_server.security.oauth import auth_base_for
+from fhir_server.security.oauth import app_launch, auth_base_for
 from fhir_server.security.oauth import server as oauth
 from fhir_server.security.oauth.bearer import access_for
 from fhir_server.security.oauth.store import AuthStore, SessionRecord, UserRecord
-from fhir_server.security.scopes import parse_scopes
+from fhir_server.security.scopes import Grant, ScopeError, parse_scope, parse_scopes, within
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -60,6 +60,21 @@ SCOPES_SUPPORTED = [
     "patient/*.cruds", "user/*.cruds", "system/*.cruds", "patient/*.rs", "user/*.rs", "system/*.rs",
     "patient/*.read", "patient/*.write", "user/*.read", "user/*.write", "system/*.read", "system/*.write",
 ]
+THO_OBSERVATION = "http://terminology.hl7.org/CodeSystem/observation-category"
+THO_CONDITION = "http://terminology.hl7.org/CodeSystem/condition-category"
+US_CORE_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/us-core-category"
+US_CORE_CONDITION = "http://hl7.org/fhir/us/core/CodeSystem/condition-category"
+# On the consent page a user may narrow a requested resource-level scope of these types to categories
+# (granular scopes, SMART App Launch 2 and US Core): each choice adds ``?category=system|code``.
+GRANULAR_CHOICES: dict[str, list[tuple[str, str]]] = {
+    "Observation": [(f"{THO_OBSERVATION}|{code}", label) for code, label in (
+        ("laboratory", "laboratory results"), ("vital-signs", "vital signs"), ("social-history", "social history"),
+        ("survey", "surveys"), ("imaging", "imaging"), ("exam", "examinations"), ("procedure", "procedures"),
+        ("therapy", "therapy"), ("activity", "activity"))] + [(f"{US_CORE_CATEGORY}|sdoh", "social determinants of health")],
+    "Condition": [(f"{THO_CONDITION}|encounter-diagnosis", "encounter diagnoses"),
+                  (f"{THO_CONDITION}|problem-list-item", "problem list"),
+                  (f"{US_CORE_CONDITION}|health-concern", "health concerns")],
+}
 STYLE = {
     "color_background": "#edeae3", "color_error": "#9e2d2d", "color_highlight": "#69b5ce", "color_modal_backdrop": "",
     "color_success": "#498e49", "color_text": "#303030", "dim_border_radius": "6px", "dim_font_size": "13px",
@@ -199,7 +214,11 @@ def launch(tenant: str) -> Response:
         engine.handle(FhirRequest("GET", tenant, ("Encounter", data["encounter"]), fhir_base(tenant), access))
     with _oauth(tenant) as scope:
         launch_id = scope.store.create_launch(context, created_by=access.subject or "unknown")
-    return _json({"launch": launch_id, **context})
+    out: dict[str, Any] = {"launch": launch_id, **context}
+    app_url = data.get("app_launch_url")
+    if isinstance(app_url, str) and app_url.startswith(("https://", "http://")) and len(app_url) <= 2000:
+        out["app_launch_url"] = app_launch(app_url, fhir_base(tenant), launch_id)  # what the EHR opens
+    return _json(out)
 
 
 # --- the authorization request and its pages ---------------------------------------------------------------
@@ -400,16 +419,21 @@ def patient(tenant: str) -> Response:
             return _expired(tenant)
         sid, session = found
         pending: dict[str, Any] = session.pending or {}
+        user = scope.store.user(session.username or "")
+        fhir_user = user.fhir_user if user is not None else None
+        # A patient (or their proxy logged in as them) picks only their own record; staff search the tenant's.
+        own = fhir_user.split("/", 1)[1] if fhir_user and fhir_user.startswith("Patient/") else None
         if request.method == "POST":
             if not _form_ok(session):
                 return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
             chosen = request.form.get("patient", "")
-            if _patients(scope, tenant, {"_id": chosen}):
+            if (own is None or chosen == own) and _patients(scope, tenant, {"_id": chosen}):
                 pending["context"]["patient"] = chosen
                 scope.store.save_session(sid, session)
                 return redirect(_next_page(tenant, scope.store, session))  # type: ignore[return-value]
         query = request.args.get("name", "")[:100]
-        listed = _patients(scope, tenant, {"name": query} if query else {})
+        criteria = {"_id": own} if own is not None else {"name": query} if query else {}
+        listed = _patients(scope, tenant, criteria)
         return _page("patient.html", tenant=tenant, csrf=session.csrf, patients=listed, name=query)
 
 
@@ -441,10 +465,12 @@ def consent(tenant: str) -> Response:
         user = scope.store.user(session.username or "")
         if user is None or not user.active or _needs_patient(session):
             return _expired(tenant)
-        requested = parse_scopes(pending["scope"], lenient=True).text
+        requested_scopes = parse_scopes(pending["scope"], lenient=True)
+        requested = requested_scopes.text
         emergency = EMERGENCY_ROLE in user.roles
         if request.method == "GET":
-            return _page("consent.html", tenant=tenant, csrf=session.csrf, client=pending["client"], scopes=requested,
+            return _page("consent.html", tenant=tenant, csrf=session.csrf, client=pending["client"],
+                         scopes=[(s, _narrowings(s)) for s in requested],
                          user=user.username, patient=pending["context"].get("patient"), emergency=emergency)
         if not _form_ok(session):
             return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
@@ -453,8 +479,11 @@ def consent(tenant: str) -> Response:
         scope.store.save_session(sid, session)
         if request.form.get("decision") != "approve":
             return _finish(req, None)
-        chosen = set(request.form.getlist("scope"))
-        granted = [s for s in requested if s in chosen]
+        try:  # what the user left ticked: requested scopes, or narrowings of them (granular scopes)
+            chosen = parse_scopes(" ".join(request.form.getlist("scope")[:200]), lenient=True)
+        except ScopeError:
+            return _page("error.html", status=400, message="Too many scopes were chosen.")
+        granted = list(within(chosen, requested_scopes).text)
         context = dict(pending["context"])
         reason = request.form.get("break_glass_reason", "").strip()
         if emergency and request.form.get("break_glass") and reason:
@@ -465,6 +494,14 @@ def consent(tenant: str) -> Response:
         req.payload = BasicOAuth2Payload({**req._params, "scope": " ".join(granted)})
         req.smart_context = context
         return _finish(req, oauth.User(user))
+
+
+def _narrowings(scope: str) -> list[tuple[str, str]]:
+    """(scope, label) of the granular scopes a requested resource-level scope can be narrowed to."""
+    grant = parse_scope(scope)
+    if not isinstance(grant, Grant) or grant.query or grant.context == "system" or grant.resource_type not in GRANULAR_CHOICES:
+        return []
+    return [(f"{scope}?category={token}", label) for token, label in GRANULAR_CHOICES[grant.resource_type]]
 
 
 def _finish(req: PendingRequest, user: oauth.User | None) -> Response:

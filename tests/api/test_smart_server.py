@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, update
+from werkzeug.datastructures import MultiDict
 
 from fhir_server.app import create_app
 from fhir_server.clock import now_us
@@ -224,3 +225,79 @@ def test_authorize_errors_before_the_client_is_known_stay_on_the_server(raw: Fla
     assert resp.status_code == 302
     query = parse_qs(urlsplit(resp.headers["Location"]).query)
     assert query["error"] == ["unsupported_response_type"] and resp.headers["Location"].startswith(REDIRECT)
+
+
+def _login_to_picker(raw: FlaskClient, reg: dict[str, str], username: str) -> str:
+    t = reg["tenant"]
+    params = {"response_type": "code", "client_id": reg["client_id"], "redirect_uri": REDIRECT, "scope": "launch/patient patient/*.rs",
+              "state": "s1", "aud": f"http://localhost/fhir/{t}", "code_challenge": "x" * 43, "code_challenge_method": "S256"}
+    assert raw.get(f"/auth/{t}/authorize?{urlencode(params)}").status_code == 302
+    csrf = _csrf(raw.get(f"/auth/{t}/login").data)
+    resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": username, "password": PASSWORD})
+    assert resp.status_code == 302 and resp.headers["Location"].endswith("/patient")
+    return _csrf(raw.get(f"/auth/{t}/patient").data)
+
+
+def test_the_patient_picker_of_a_patient_user_offers_only_their_record(raw: FlaskClient, client: FlaskClient, storage: Storage,
+                                                                        registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    for pid, family in (("me", "Myself"), ("other", "Otherperson")):
+        assert client.put(f"/fhir/{t}/Patient/{pid}", json={"resourceType": "Patient", "id": pid,
+                                                           "name": [{"family": family}]}).status_code == 201
+    with _store(storage, t) as repo:
+        AuthStore(repo).create_user(username="pat", password_hash=passwords.hash_password(PASSWORD), fhir_user="Patient/me",
+                                    roles=["patient"], mfa_required=False)
+    csrf = _login_to_picker(raw, registered, "pat")
+    page = raw.get(f"/auth/{t}/patient?name=Other").data
+    assert b"Myself" in page and b"Otherperson" not in page
+    resp = raw.post(f"/auth/{t}/patient", data={"csrf": csrf, "patient": "other"})
+    assert resp.status_code == 200  # the picker again: not an allowed choice
+    resp = raw.post(f"/auth/{t}/patient", data={"csrf": csrf, "patient": "me"})
+    assert resp.status_code == 302 and resp.headers["Location"].endswith("/consent")
+    # Staff search the tenant's patients.
+    staff = raw.application.test_client()
+    csrf = _login_to_picker(staff, registered, "nurse")
+    assert b"Otherperson" in staff.get(f"/auth/{t}/patient?name=Other").data
+
+
+def test_consent_accepts_requested_scopes_and_narrowings_only(raw: FlaskClient, client: FlaskClient, storage: Storage,
+                                                               registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    assert client.put(f"/fhir/{t}/Patient/me", json={"resourceType": "Patient", "id": "me"}).status_code == 201
+    csrf = _login_to_picker(raw, registered, "nurse")
+    assert raw.post(f"/auth/{t}/patient", data={"csrf": csrf, "patient": "me"}).status_code == 302
+    page = raw.get(f"/auth/{t}/consent").data
+    assert b'value="patient/*.rs" checked' in page
+    form = MultiDict([("csrf", csrf), ("decision", "approve"), ("scope", "launch/patient"),
+                      ("scope", "patient/Observation.rs?category=x|y"), ("scope", "user/*.cruds"), ("scope", "patient/*.cruds")])
+    resp = raw.post(f"/auth/{t}/consent", data=form)
+    assert resp.status_code == 302
+    code = parse_qs(urlsplit(resp.headers["Location"]).query)["code"][0]
+    with _store(storage, t) as repo:
+        granted = AuthStore(repo).code(code)
+        assert granted is not None
+        assert granted.scope.split() == ["launch/patient", "patient/Observation.rs?category=x|y"]  # no escalation
+
+
+def test_app_launch_url_for_ehr_launches(client: FlaskClient, storage: Storage, tenant: str) -> None:
+    assert client.put(f"/fhir/{tenant}/Patient/p1", json={"resourceType": "Patient", "id": "p1"}).status_code == 201
+    ehr = mint_token(storage, tenant, scope="user/*.rs")
+    resp = client.post(f"/auth/{tenant}/launch", json={"patient": "p1", "app_launch_url": "https://app.example/launch?x=1"},
+                       headers={"Authorization": f"Bearer {ehr}"})
+    url = resp.json["app_launch_url"]  # type: ignore[index]
+    query = parse_qs(urlsplit(url).query)
+    assert url.startswith("https://app.example/launch?x=1&")
+    assert query["iss"] == [f"http://localhost/fhir/{tenant}"] and query["launch"] == [resp.json["launch"]]  # type: ignore[index]
+
+
+def test_failed_client_authentication_is_401_only_with_an_authorization_header(raw: FlaskClient, storage: Storage, tenant: str) -> None:
+    with _store(storage, tenant) as repo:
+        client_id, _ = AuthStore(repo).create_client(name="svc", kind="confidential-symmetric", scope="system/*.rs", redirect_uris=[],
+                                                     jwks=None, jwks_uri=None)
+    data = {"grant_type": "client_credentials", "scope": "system/*.rs"}
+    resp = raw.post(f"/auth/{tenant}/token", data=data, headers={"Authorization": "Basic " + "eDp5"})  # x:y
+    assert resp.status_code == 401 and resp.headers["WWW-Authenticate"].startswith("Basic")
+    resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_id": client_id, "client_secret": "wrong"})
+    assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]
+    resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_assertion_type": "not_an_assertion_type", "client_assertion": "x"})
+    assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]

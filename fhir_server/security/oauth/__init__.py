@@ -1,5 +1,7 @@
 """SMART on FHIR authorization server: records (store), the OAuth 2.0 server (server), bearer tokens (bearer)."""
 
+from urllib.parse import urlencode, urlsplit
+
 
 def auth_base_for(fhir_base: str) -> str:
     """The tenant's authorization server URL (``{root}/auth/{tenant}``) from its FHIR base (``{root}/fhir/{tenant}``)."""
@@ -26,3 +28,9 @@ def smart_security(fhir_base: str) -> dict[str, object]:
         }],
         "description": f"SMART App Launch 2.0 and Backend Services; discovery at {fhir_base}/.well-known/smart-configuration",
     }
+
+
+def app_launch(app_launch_url: str, iss: str, launch_id: str) -> str:
+    """The URL an EHR opens to launch an app: the app's launch URL with ``iss`` and ``launch`` (SMART EHR launch)."""
+    separator = "&" if urlsplit(app_launch_url).query else "?"
+    return f"{app_launch_url}{separator}{urlencode({'iss': iss, 'launch': launch_id})}"

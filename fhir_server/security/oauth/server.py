@@ -461,6 +461,18 @@ class SmartAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
         self.register_endpoint(SmartRevocationEndpoint)
         self.register_endpoint(SmartIntrospectionEndpoint)
 
+    def authenticate_client(self, request: OAuth2Request, methods: list[str], endpoint: str = "token") -> Client:
+        """Authlib answers every failed client authentication with 401 once client_secret_basic is allowed;
+        RFC 6749 section 5.2 keeps 401 (with WWW-Authenticate) for a client that tried the Authorization
+        header, and 400 for the rest (a bad or missing client assertion, an unknown client_id)."""
+        try:
+            client: Client = super().authenticate_client(request, methods, endpoint)
+        except InvalidClientError as error:
+            if not request.headers.get("Authorization"):
+                error.status_code = 400
+            raise
+        return client
+
     def query_client(self, client_id: str) -> Client | None:
         if not isinstance(client_id, str):
             return None
