@@ -12,8 +12,8 @@ from fhir_server.api.rendering import render
 from fhir_server.engine.request import FhirRequest
 from fhir_server.engine.storage_errors import storage_errors
 from fhir_server.errors import BadRequest, NotFound, UnsupportedMediaType
-from fhir_server.security.access import ANONYMOUS
-from fhir_server.security.oauth.bearer import access_for
+from fhir_server.security.access import ANONYMOUS, AccessContext
+from fhir_server.security.oauth.bearer import access_for_token, access_in, bearer_token
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
@@ -46,30 +46,38 @@ def fhir(tenant: str, rest: str) -> Response:
         body, content_type = _read_body(settings)
     prefer_return, prefer_handling = _prefer(request.headers.get("Prefer"))
     base_url = _base_url(settings, tenant)
-    if segments == ("metadata",) and request.method in ("GET", "HEAD"):
-        access = ANONYMOUS  # the CapabilityStatement is open: it says how to get a token
-    else:
-        storage: Storage = current_app.extensions["fhir_storage"]
-        with storage_errors(tenant):
-            access = access_for(storage, tenant, base_url, request.headers.get("Authorization"))
-    req = FhirRequest(
-        method=request.method,
-        tenant=tenant,
-        path=segments,
-        base_url=base_url,
-        access=access,
-        params=tuple(params),
-        body=body,
-        if_match=request.headers.get("If-Match"),
-        if_none_match=request.headers.get("If-None-Match"),
-        if_modified_since=request.headers.get("If-Modified-Since"),
-        if_none_exist=request.headers.get("If-None-Exist"),
-        prefer_return=prefer_return,
-        prefer_handling=prefer_handling,
-        content_type=content_type,
-    )
     request.environ["fhir.route"] = _route_label(engine, segments)
-    return render(engine.handle(req), media_type)
+
+    def handle(access: AccessContext) -> Response:
+        req = FhirRequest(
+            method=request.method,
+            tenant=tenant,
+            path=segments,
+            base_url=base_url,
+            access=access,
+            params=tuple(params),
+            body=body,
+            if_match=request.headers.get("If-Match"),
+            if_none_match=request.headers.get("If-None-Match"),
+            if_modified_since=request.headers.get("If-Modified-Since"),
+            if_none_exist=request.headers.get("If-None-Exist"),
+            prefer_return=prefer_return,
+            prefer_handling=prefer_handling,
+            content_type=content_type,
+        )
+        return render(engine.handle(req), media_type)
+
+    if segments == ("metadata",) and request.method in ("GET", "HEAD"):
+        return handle(ANONYMOUS)  # the CapabilityStatement is open: it says how to get a token
+    token = bearer_token(base_url, request.headers.get("Authorization"))
+    storage: Storage = current_app.extensions["fhir_storage"]
+    if request.method in ("GET", "HEAD"):
+        # A read: the token check and the interaction share one read session (one connection, one tenant lookup).
+        with storage_errors(tenant), storage.shared_reads(tenant) as repo:
+            return handle(access_in(repo, base_url, token))
+    with storage_errors(tenant):
+        access = access_for_token(storage, tenant, base_url, token)
+    return handle(access)
 
 
 def _read_body(settings: Settings) -> tuple[object, str]:

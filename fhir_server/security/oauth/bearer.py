@@ -11,6 +11,7 @@ from fhir_server.errors import Unauthorized
 from fhir_server.security.access import AccessContext
 from fhir_server.security.oauth.store import AuthStore
 from fhir_server.security.scopes import parse_scopes
+from fhir_server.storage.repository import ResourceRepository
 from fhir_server.storage.store import Storage
 
 MAX_TOKEN_LENGTH = 512
@@ -28,6 +29,16 @@ def challenge(base_url: str, error: str | None = None, description: str | None =
 
 def access_for(storage: Storage, tenant: str, base_url: str, authorization: str | None) -> AccessContext:
     """The AccessContext of a request's Authorization header (Unauthorized when there is no usable token)."""
+    return access_for_token(storage, tenant, base_url, bearer_token(base_url, authorization))
+
+
+def access_for_token(storage: Storage, tenant: str, base_url: str, token: str) -> AccessContext:
+    with storage.session(tenant, write=False) as repo:
+        return access_in(repo, base_url, token)
+
+
+def bearer_token(base_url: str, authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer`` header (Unauthorized when there is none, or it is malformed)."""
     if not authorization:
         raise Unauthorized("This server needs an access token (Authorization: Bearer ...); get one from the "
                            "authorization server in .well-known/smart-configuration", headers=challenge(base_url))
@@ -36,8 +47,12 @@ def access_for(storage: Storage, tenant: str, base_url: str, authorization: str 
     if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_LENGTH or " " in token:
         raise Unauthorized("The Authorization header must be 'Bearer <access token>'",
                            headers=challenge(base_url, "invalid_request", "malformed Authorization header"))
-    with storage.session(tenant, write=False) as repo:
-        record = AuthStore(repo).token(token)
+    return token
+
+
+def access_in(repo: ResourceRepository, base_url: str, token: str) -> AccessContext:
+    """The AccessContext of a bearer token, looked up in ``repo``'s tenant (Unauthorized unless it is a live access token)."""
+    record = AuthStore(repo).token(token)
     if record is None or record.kind != "access" or not record.active():
         raise Unauthorized("The access token is not valid here: unknown, expired or revoked",
                            headers=challenge(base_url, "invalid_token", "the access token is unknown, expired or revoked"))
