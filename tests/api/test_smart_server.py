@@ -5,6 +5,7 @@ conformance_tests/test_smart*.py, over HTTP.)"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -301,3 +302,52 @@ def test_failed_client_authentication_is_401_only_with_an_authorization_header(r
     assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]
     resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_assertion_type": "not_an_assertion_type", "client_assertion": "x"})
     assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]
+
+
+def test_private_key_jwt_with_keys_from_a_jwks_uri(raw: FlaskClient, storage: Storage, tenant: str) -> None:
+    import http.server
+    import threading
+    import time
+    import uuid
+
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    key = ECKey.generate_key("P-384", private=True)
+    jwks = json.dumps({"keys": [key.as_dict(private=False) | {"kid": "ec1", "alg": "ES384"}]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(jwks)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json"
+        with _store(storage, tenant) as repo:
+            client_id, _ = AuthStore(repo).create_client(name="bulk", kind="confidential-asymmetric", scope="system/*.rs",
+                                                         redirect_uris=[], jwks=None, jwks_uri=uri)
+        token_url = f"http://localhost/auth/{tenant}/token"
+
+        def assertion(kid: str) -> str:
+            now = int(time.time())
+            return jwt.encode({"alg": "ES384", "kid": kid, "typ": "JWT"},
+                              {"iss": client_id, "sub": client_id, "aud": token_url, "exp": now + 120, "jti": uuid.uuid4().hex},
+                              key, algorithms=["ES384"])
+
+        data = {"grant_type": "client_credentials", "scope": "system/Patient.rs",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"}
+        resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_assertion": assertion("ec1")})
+        assert resp.status_code == 200, resp.json
+        assert resp.json["scope"] == "system/Patient.rs" and resp.json["expires_in"] <= 300  # type: ignore[index]
+        resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_assertion": assertion("other-kid")})
+        assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
