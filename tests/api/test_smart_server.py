@@ -304,7 +304,8 @@ def test_failed_client_authentication_is_401_only_with_an_authorization_header(r
     assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]
 
 
-def test_private_key_jwt_with_keys_from_a_jwks_uri(raw: FlaskClient, storage: Storage, tenant: str) -> None:
+def test_private_key_jwt_with_keys_from_a_jwks_uri(raw: FlaskClient, storage: Storage, tenant: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import http.server
     import threading
     import time
@@ -314,14 +315,14 @@ def test_private_key_jwt_with_keys_from_a_jwks_uri(raw: FlaskClient, storage: St
     from joserfc.jwk import ECKey
 
     key = ECKey.generate_key("P-384", private=True)
-    jwks = json.dumps({"keys": [key.as_dict(private=False) | {"kid": "ec1", "alg": "ES384"}]}).encode()
+    served = {"jwks": json.dumps({"keys": [key.as_dict(private=False) | {"kid": "ec1", "alg": "ES384"}]}).encode()}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(jwks)
+            self.wfile.write(served["jwks"])
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -348,6 +349,14 @@ def test_private_key_jwt_with_keys_from_a_jwks_uri(raw: FlaskClient, storage: St
         assert resp.json["scope"] == "system/Patient.rs" and resp.json["expires_in"] <= 300  # type: ignore[index]
         resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_assertion": assertion("other-kid")})
         assert resp.status_code == 400 and resp.json["error"] == "invalid_client"  # type: ignore[index]
+        # The client rotates its keys: an assertion with the new kid makes the server fetch the set again.
+        from fhir_server.security.oauth import server as oauth_server
+
+        monkeypatch.setattr(oauth_server, "JWKS_REFETCH_SECONDS", 0)
+        key = ECKey.generate_key("P-384", private=True)
+        served["jwks"] = json.dumps({"keys": [key.as_dict(private=False) | {"kid": "ec2", "alg": "ES384"}]}).encode()
+        resp = raw.post(f"/auth/{tenant}/token", data={**data, "client_assertion": assertion("ec2")})
+        assert resp.status_code == 200, resp.json
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -228,13 +228,18 @@ class RequiredS256(CodeChallenge):  # type: ignore[misc]
 # --- private_key_jwt ------------------------------------------------------------------------------
 
 _jwks_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+JWKS_REFETCH_SECONDS = 30  # an unknown kid refetches the client's JWKS, at most this often
 
 
-def fetch_jwks(uri: str) -> dict[str, Any]:
-    """A client's JWKS from its jwks_uri (cached a few minutes; https only, except on loopback)."""
+def fetch_jwks(uri: str, *, kid: str | None = None) -> dict[str, Any]:
+    """A client's JWKS from its jwks_uri (cached a few minutes; https only, except on loopback). A ``kid`` the
+    cached set lacks fetches it again (the client rotated its keys), at most every JWKS_REFETCH_SECONDS."""
     cached = _jwks_cache.get(uri)
     if cached and cached[0] > time.monotonic():
-        return cached[1]
+        kids = {k.get("kid") for k in cached[1]["keys"] if isinstance(k, dict)}
+        fetched_at = cached[0] - JWKS_CACHE_SECONDS
+        if kid is None or kid in kids or time.monotonic() - fetched_at < JWKS_REFETCH_SECONDS:
+            return cached[1]
     parts = urlsplit(uri)
     if parts.scheme != "https" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
         raise InvalidClientError(description="The client's jwks_uri must use https")
@@ -261,9 +266,16 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
     def get_audiences(self) -> list[str]:
         return [current().token_url]
 
+    def extract_assertion(self, assertion: str) -> Any:
+        headers, claims = super().extract_assertion(assertion)
+        kid = headers.get("kid") if isinstance(headers, dict) else None
+        g.assertion_kid = kid if isinstance(kid, str) else None  # per request: this object serves every thread
+        return headers, claims
+
     def resolve_client_public_key(self, client: Client) -> KeySet:
         record = client.record
-        jwks = record.jwks if record.jwks is not None else fetch_jwks(record.jwks_uri) if record.jwks_uri else None
+        kid = g.get("assertion_kid")
+        jwks = record.jwks if record.jwks is not None else fetch_jwks(record.jwks_uri, kid=kid) if record.jwks_uri else None
         if not jwks:
             raise InvalidClientError(description="The client has no public keys registered")
         try:
