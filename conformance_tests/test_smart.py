@@ -492,6 +492,8 @@ def _bad_assertions(setup: SmartSetup, token_url: str) -> dict[str, str]:
         "expired": smart.client_assertion(setup.backend, token_url, lifetime=-120),
         "exp too far ahead": smart.client_assertion(setup.backend, token_url, lifetime=3600),
         "not yet valid": smart.client_assertion(setup.backend, token_url, claims={"nbf": now + 600, "iat": now + 600}),
+        "absurd exp": smart.client_assertion(setup.backend, token_url, claims={"exp": 1e300}),
+        "control characters in jti": smart.client_assertion(setup.backend, token_url, claims={"jti": "a\u0000b"}),
         "unknown kid": smart.client_assertion(setup.backend, token_url, header={"kid": "no-such-key"}),
         "wrong aud": smart.client_assertion(setup.backend, token_url, claims={"aud": "https://evil.example/token"}),
         "wrong iss": smart.client_assertion(setup.backend, token_url, claims={"iss": "someone-else"}),

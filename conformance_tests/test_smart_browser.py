@@ -87,6 +87,8 @@ def test_standalone_launch_in_a_browser(smart_setup: SmartSetup, browser: webdri
     wait.until(expected_conditions.presence_of_element_located((By.ID, "name")))
     browser.find_element(By.ID, "name").send_keys("Aardvark")
     browser.find_element(By.ID, "search").click()
+    wait.until(lambda d: "name=Aardvark" in d.current_url  # the page with the search's results, fully loaded
+               and d.execute_script("return document.readyState") == "complete")
     radio = wait.until(expected_conditions.element_to_be_clickable(
         (By.CSS_SELECTOR, f"input[name=patient][value='{setup.patient}']")))
     radio.click()

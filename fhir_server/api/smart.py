@@ -35,7 +35,7 @@ from fhir_server.security.access import INTERNAL
 from fhir_server.security.oauth import app_launch, auth_base_for
 from fhir_server.security.oauth import server as oauth
 from fhir_server.security.oauth.bearer import access_for
-from fhir_server.security.oauth.store import AuthStore, SessionRecord, UserRecord
+from fhir_server.security.oauth.store import AuthStore, SessionRecord, UserRecord, new_secret
 from fhir_server.security.scopes import Grant, ScopeError, parse_scope, parse_scopes, within
 
 if TYPE_CHECKING:
@@ -256,14 +256,14 @@ def authorize(tenant: str) -> Response:
             return _redirect_error(redirect_uri, "invalid_request", "state is required", None)
         context: dict[str, Any] = {}
         if params.get("launch"):
-            launched = scope.store.launch(params["launch"])
+            launched = scope.store.take_launch(params["launch"])
             if launched is None:
                 return _redirect_error(redirect_uri, "invalid_request", "the launch is unknown or expired", params["state"])
             context.update(launched, launch=True)
         if params.get("nonce"):
             context["nonce"] = params["nonce"][:256]
         sid, session = _session(scope.store)
-        session.pending = {"params": params, "context": context, "client": grant.client.record.name,
+        session.pending = {"id": new_secret(12), "params": params, "context": context, "client": grant.client.record.name,
                            "scope": grant.request.scope or ""}
         scope.store.save_session(sid, session)
         return _with_cookie(redirect(_next_page(tenant, scope.store, session)), tenant, sid)
@@ -323,8 +323,15 @@ def _page(template: str, status: int = 200, **values: Any) -> Response:
     return response
 
 
-def _form_ok(session: SessionRecord) -> bool:
-    return hmac.compare_digest(request.form.get("csrf", ""), session.csrf)
+def _form_ok(session: SessionRecord, *, for_request: bool = False) -> bool:
+    """The form carries the session's CSRF token and, ``for_request``, the id of the authorization request it
+    was shown for: a page left open while another /authorize replaced the request cannot answer the new one."""
+    if not hmac.compare_digest(request.form.get("csrf", ""), session.csrf):
+        return False
+    if for_request:
+        expected = str((session.pending or {}).get("id", ""))
+        return bool(expected) and hmac.compare_digest(request.form.get("request", ""), expected)
+    return True
 
 
 def _current(scope: oauth.OAuthScope) -> tuple[str, SessionRecord] | None:
@@ -357,8 +364,9 @@ def login(tenant: str) -> Response:
             return _page("login.html", status=401, tenant=tenant, csrf=session.csrf, client=pending["client"],
                          error=error, username=username)
         assert user is not None
-        scope.store.login_succeeded(username)
         needs_mfa = user.mfa_required or scope.store.tenant_requires_mfa()
+        if not needs_mfa:
+            scope.store.login_succeeded(username)  # with a second factor due, failures count on until it passes
         if needs_mfa and not user.has_mfa:
             return _page("login.html", status=403, tenant=tenant, csrf=session.csrf, client=pending["client"],
                          error="This account needs a second factor but has none enrolled; ask an administrator.")
@@ -407,6 +415,7 @@ def mfa(tenant: str) -> Response:
             scope.store.login_failed(username)
             return _page("mfa.html", status=401, tenant=tenant, csrf=session.csrf, error="Wrong or already used code.")
         session.stage = "done"
+        scope.store.login_succeeded(username)
         scope.store.save_session(sid, session)
         return redirect(_next_page(tenant, scope.store, session))  # type: ignore[return-value]
 
@@ -424,7 +433,7 @@ def patient(tenant: str) -> Response:
         # A patient (or their proxy logged in as them) picks only their own record; staff search the tenant's.
         own = fhir_user.split("/", 1)[1] if fhir_user and fhir_user.startswith("Patient/") else None
         if request.method == "POST":
-            if not _form_ok(session):
+            if not _form_ok(session, for_request=True):
                 return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
             chosen = request.form.get("patient", "")
             if (own is None or chosen == own) and _patients(scope, tenant, {"_id": chosen}):
@@ -434,7 +443,7 @@ def patient(tenant: str) -> Response:
         query = request.args.get("name", "")[:100]
         criteria = {"_id": own} if own is not None else {"name": query} if query else {}
         listed = _patients(scope, tenant, criteria)
-        return _page("patient.html", tenant=tenant, csrf=session.csrf, patients=listed, name=query)
+        return _page("patient.html", tenant=tenant, csrf=session.csrf, patients=listed, name=query, request_id=pending["id"])
 
 
 def _patients(scope: oauth.OAuthScope, tenant: str, criteria: dict[str, str]) -> list[dict[str, str]]:
@@ -469,10 +478,10 @@ def consent(tenant: str) -> Response:
         requested = requested_scopes.text
         emergency = EMERGENCY_ROLE in user.roles
         if request.method == "GET":
-            return _page("consent.html", tenant=tenant, csrf=session.csrf, client=pending["client"],
+            return _page("consent.html", tenant=tenant, csrf=session.csrf, request_id=pending["id"], client=pending["client"],
                          scopes=[(s, _narrowings(s)) for s in requested],
                          user=user.username, patient=pending["context"].get("patient"), emergency=emergency)
-        if not _form_ok(session):
+        if not _form_ok(session, for_request=True):
             return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
         req = PendingRequest(dict(pending["params"]), request.url)
         session.pending = None
@@ -485,6 +494,9 @@ def consent(tenant: str) -> Response:
             return _page("error.html", status=400, message="Too many scopes were chosen.")
         granted = list(within(chosen, requested_scopes).text)
         context = dict(pending["context"])
+        own = user.fhir_user.split("/", 1)[1] if user.fhir_user and user.fhir_user.startswith("Patient/") else None
+        if own is not None and context.get("patient", own) != own:
+            return _finish_error(req, "access_denied", "this launch is for another patient's record")
         reason = request.form.get("break_glass_reason", "").strip()
         if emergency and request.form.get("break_glass") and reason:
             context["break_glass"] = reason[:500]
@@ -502,6 +514,12 @@ def _narrowings(scope: str) -> list[tuple[str, str]]:
     if not isinstance(grant, Grant) or grant.query or grant.context == "system" or grant.resource_type not in GRANULAR_CHOICES:
         return []
     return [(f"{scope}?category={token}", label) for token, label in GRANULAR_CHOICES[grant.resource_type]]
+
+
+def _finish_error(req: PendingRequest, error: str, description: str) -> Response:
+    """End the request with an error sent back to the app (its redirect_uri was validated at /authorize)."""
+    redirect_uri = req._params.get("redirect_uri") or ""
+    return _redirect_error(redirect_uri, error, description, req._params.get("state"))
 
 
 def _finish(req: PendingRequest, user: oauth.User | None) -> Response:

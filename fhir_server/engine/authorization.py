@@ -15,15 +15,17 @@ checked after it is written, and rolled back if it falls outside).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from fhir_server.engine import compartments, search
 from fhir_server.errors import Forbidden
-from fhir_server.search.query import AllOf, AnyOf, Clause
+from fhir_server.search.query import AllOf, AnyOf, Chain, Clause, Has, InList, SearchQuery
 from fhir_server.security.access import AccessContext
 from fhir_server.security.scopes import Grant
 
 if TYPE_CHECKING:
+    from fhir_server.storage.repository import CurrentState
     from fhir_server.engine.custom_params import SearchContext
     from fhir_server.engine.engine import Engine
     from fhir_server.storage.repository import ResourceRepository
@@ -45,18 +47,38 @@ def grants_unless_internal(access: AccessContext, permission: str, rtype: str) -
         grants(access, permission, rtype)
 
 
+_READ_STATE: Any = object()
+
+
 def write_permission(engine: Engine, repo: ResourceRepository, access: AccessContext, rtype: str, rid: str, *,
-                     create_only: bool) -> str:
-    """Before a write: "c" (it creates) or "u" (it updates a resource the access may update); Forbidden otherwise."""
+                     create_only: bool, state: CurrentState | None = _READ_STATE) -> str:
+    """Before a write: "c" (it creates) or "u" (it updates a resource the access may update); Forbidden otherwise.
+    ``state``: the resource's current state when the caller has read it already."""
     if access.internal:
         return "c" if create_only else "u"
-    state = None if create_only else repo.current_state(rtype, rid)
+    if state is _READ_STATE:
+        state = None if create_only else repo.current_state(rtype, rid)
     if state is None or state.deleted:
         grants(access, "c", rtype)
+        if state is not None and constraint(engine, engine.contexts.for_repo(repo), access, "c", rtype) is not None:
+            # Its past versions would become readable as this patient's: they may be someone else's.
+            raise Forbidden(f"{rtype}/{rid} was deleted; re-creating it needs a grant not limited to a patient or "
+                            "to search criteria")
         return "c"
     grants(access, "u", rtype)
-    check_instance(engine, repo, access, "u", rtype, rid)
+    check_writable(engine, repo, access, "u", rtype, rid)
     return "u"
+
+
+def compartment_patient(access: AccessContext, grant: Grant) -> str | None:
+    """The patient whose compartment a grant is limited to: the launch patient for ``patient/`` scopes; for
+    ``user/`` scopes of a user who is a Patient (fhirUser Patient/...), that patient (what a patient user
+    may see is their own record); None for the others (unrestricted by compartment)."""
+    if grant.context == "patient":
+        return access.patient
+    if grant.context == "user" and access.fhir_user and access.fhir_user.startswith("Patient/"):
+        return access.fhir_user.split("/", 1)[1]
+    return None
 
 
 def reads_own_record(access: AccessContext, rtype: str, rid: str) -> bool:
@@ -80,10 +102,11 @@ def constraint(engine: Engine, ctx: SearchContext, access: AccessContext, permis
     options: list[Clause] = []
     for grant in grants(access, permission, rtype):
         parts: list[Clause] = []
-        if grant.context == "patient":
-            if access.patient is None:
+        patient = compartment_patient(access, grant)
+        if grant.context == "patient" or patient is not None:
+            if patient is None:
                 continue
-            membership = compartments.membership(engine, "Patient", access.patient, rtype)
+            membership = compartments.membership(engine, "Patient", patient, rtype)
             if membership is None:
                 continue
             parts.append(membership)
@@ -100,10 +123,72 @@ def constraint(engine: Engine, ctx: SearchContext, access: AccessContext, permis
     return options[0] if len(options) == 1 else AnyOf(tuple(options), "scopes")
 
 
+def guard_query(engine: Engine, ctx: SearchContext, access: AccessContext, query: SearchQuery) -> SearchQuery:
+    """The query with every chain and ``_has`` held to the grant: a chain into, or a ``_has`` from, a type the
+    access may not search is refused, and one into a type it may search only in part (a patient's compartment,
+    granular criteria) sees only that part. Otherwise a search would tell what the caller may not read
+    (``Patient?_has:Observation:subject:code=...``)."""
+    if access.internal:
+        return query
+    by_type = {t: tuple(_guard(engine, ctx, access, c) for c in clauses) for t, clauses in query.by_type.items()}
+    return dataclasses.replace(query, by_type=by_type)
+
+
+def _guard(engine: Engine, ctx: SearchContext, access: AccessContext, clause: Clause) -> Clause:
+    if isinstance(clause, (Chain, Has)):
+        rtype = clause.target_type if isinstance(clause, Chain) else clause.source_type
+        inner = _guard(engine, ctx, access, clause.inner)
+        limit = constraint(engine, ctx, access, "s", rtype)  # Forbidden when the access may not search rtype
+        return dataclasses.replace(clause, inner=inner if limit is None else AllOf((inner, limit), clause.raw_name))
+    if isinstance(clause, AnyOf):  # e.g. a chain through each type a reference may point at
+        options = []
+        for option in clause.options:
+            try:
+                options.append(_guard(engine, ctx, access, option))
+            except Forbidden:
+                continue  # a type the access may not search: it matches nothing for this caller
+        if not options:
+            raise Forbidden(f"The access token's scopes do not allow searching through {clause.raw_name}")
+        return dataclasses.replace(clause, options=tuple(options))
+    if isinstance(clause, AllOf):
+        return dataclasses.replace(clause, clauses=tuple(_guard(engine, ctx, access, c) for c in clause.clauses))
+    if isinstance(clause, InList):
+        grants(access, "r", "List")  # the List's entries are read
+    return clause
+
+
 def check_instance(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str, rtype: str,
                    rid: str) -> None:
     """The resource as it now stands in this unit of work is within the grant (Forbidden otherwise)."""
     check_instances(engine, repo, access, permission, rtype, [rid])
+
+
+def check_writable(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str, rtype: str,
+                   rid: str) -> None:
+    """A resource a write is about to change (u, d) or has written (c, u): within the grant, and, where the grant
+    is limited to a patient's compartment, in no other patient's compartment: a patient-limited app cannot put
+    data into another patient's record by naming them in a second reference (performer, author, ...)."""
+    check_instance(engine, repo, access, permission, rtype, rid)
+    if access.internal:
+        return
+    limits = {compartment_patient(access, grant) for grant in grants(access, permission, rtype)}
+    if None in limits:
+        return  # a grant not limited to one patient allows it
+    others = sorted(compartments.patients_referenced(engine, repo, rtype, rid) - limits)
+    if others:
+        raise Forbidden(f"{rtype}/{rid} would also be in the record of Patient/{others[0]}, outside the access token's "
+                        "patient scope")
+
+
+def may_read(engine: Engine, repo: ResourceRepository, access: AccessContext, rtype: str, rid: str) -> bool:
+    """Whether the access may read this resource (a write that found an existing one returns it only then)."""
+    if not permitted(access, "r", rtype):
+        return False
+    try:
+        check_instance(engine, repo, access, "r", rtype, rid)
+    except Forbidden:
+        return False
+    return True
 
 
 def check_instances(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str, rtype: str,

@@ -19,6 +19,7 @@ meaning. A ``urn:`` reference that names no entry fails the transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import uuid
@@ -282,7 +283,7 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
                 current = batched[exc.item] if exc.item is not None else None
                 raise
             for current, permission in zip(batched, permissions):  # what was written is within the grant
-                authorization.check_instance(engine, repo, req.access, permission, current.rtype, current.target_id)
+                authorization.check_writable(engine, repo, req.access, permission, current.rtype, current.target_id)
             current = None
             for e, result in zip(batched, records):
                 e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
@@ -597,12 +598,8 @@ def _rewrite_entry(rewriter: _Rewriter, e: Entry) -> None:
 def _batch_permission(engine: Engine, repo: ResourceRepository, e: Entry, states: dict[tuple[str, str], CurrentState],
                       access: AccessContext) -> str:
     """Before a batched write: "c" or "u" (of a resource the access may update); Forbidden otherwise."""
-    state = states.get((e.rtype, e.target_id))
-    permission = "u" if e.method == "PUT" and state is not None and not state.deleted else "c"
-    authorization.grants_unless_internal(access, permission, e.rtype)
-    if permission == "u":
-        authorization.check_instance(engine, repo, access, "u", e.rtype, e.target_id)
-    return permission
+    state = states.get((e.rtype, e.target_id)) if e.method == "PUT" else None
+    return authorization.write_permission(engine, repo, access, e.rtype, e.target_id, create_only=False, state=state)
 
 
 def _write_item(engine: Engine, repo: ResourceRepository, e: Entry) -> WriteItem:
@@ -643,7 +640,8 @@ def _execute(engine: Engine, repo: ResourceRepository, req: FhirRequest, e: Entr
         authorization.check_instance(engine, repo, req.access, "c", rtype, rid)  # what the create found: within the grant
         existing = repo.read(rtype, rid)
         assert existing is not None
-        e.response = _written(req, existing, 200)
+        readable = authorization.may_read(engine, repo, req.access, rtype, rid)
+        e.response = _written(req if readable else dataclasses.replace(req, prefer_return=RETURN_MINIMAL), existing, 200)
         return None
     body = dict(e.resource)
     if e.method == "PUT":

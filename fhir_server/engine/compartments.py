@@ -12,14 +12,18 @@ from functools import cache
 from importlib import resources as package_data
 from typing import TYPE_CHECKING
 
+from sqlalchemy import select
+
 from fhir_server.engine import search as searching
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.resources import check_id
 from fhir_server.errors import BadRequest, NotFound
 from fhir_server.search.query import AnyOf, Clause, Criterion
+from fhir_server.storage import schema
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
+    from fhir_server.storage.repository import ResourceRepository
 
 
 @cache
@@ -46,6 +50,21 @@ def membership(engine: Engine, compartment: str, focal_id: str, rtype: str) -> C
     if not options:
         return None
     return options[0] if len(options) == 1 else AnyOf(tuple(options), "compartment")
+
+
+def patients_referenced(engine: Engine, repo: ResourceRepository, rtype: str, rid: str) -> set[str]:
+    """The ids of the Patients in whose compartment the resource, as indexed in this unit of work, is (by the
+    Patient CompartmentDefinition's parameters; a Patient is in its own)."""
+    keys = [p.key for code in definitions().get("Patient", {}).get(rtype, [])
+            if (p := engine.search_params.get(rtype, code)) is not None and p.supported and p.type == "reference"]
+    found = {rid} if rtype == "Patient" else set()
+    if keys:
+        ref = schema.idx_reference
+        rows = repo.conn.execute(select(ref.c.target_id).where(
+            ref.c.tenant_id == repo.tenant.id, ref.c.res_type == rtype, ref.c.res_id == rid, ref.c.param_key.in_(keys),
+            ref.c.target_type == "Patient", ref.c.target_id.is_not(None)))
+        found.update(r.target_id for r in rows)
+    return found
 
 
 def search_compartment(engine: Engine, req: FhirRequest, compartment: str, focal_id: str, target: str) -> FhirResponse:

@@ -9,6 +9,7 @@ concurrent conditional creates of one identifier produce exactly one resource.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import binascii
 import hashlib
 import uuid
@@ -21,7 +22,7 @@ from fhir_server import fhirjson
 from fhir_server.capability.validation import validate_resource
 from fhir_server.engine import authorization, custom_params, search
 from fhir_server.engine.patching import apply_fhirpath_patch, apply_json_patch
-from fhir_server.engine.request import FhirRequest, FhirResponse
+from fhir_server.engine.request import RETURN_MINIMAL, FhirRequest, FhirResponse
 from fhir_server.engine.resources import (
     check_id,
     parse_etag,
@@ -74,7 +75,7 @@ def matches(engine: Engine, repo: ResourceRepository, rtype: str, query: str, ac
     a conditional interaction cannot find, or act on, what the caller may not see)."""
     lock_criteria(repo, rtype, query)
     constraint = authorization.constraint(engine, engine.contexts.for_repo(repo), access, permission, rtype)
-    return search.matching_ids(engine, repo, rtype, query, limit=limit, constraint=constraint)
+    return search.matching_ids(engine, repo, rtype, query, limit=limit, constraint=constraint, access=access)
 
 
 # --- conditional create ----------------------------------------------------------------------------
@@ -103,6 +104,8 @@ def create(engine: Engine, req: FhirRequest, rtype: str) -> FhirResponse:
     body, warnings = validated_body(engine, req, rtype)
     with engine.storage.session(req.tenant, write=True, exclusive=rtype == "SearchParameter") as repo:
         outcome, created, job = create_in(engine, repo, rtype, body, req.if_none_exist, req.access)
+        if isinstance(outcome, VersionRecord) and not authorization.may_read(engine, repo, req.access, rtype, outcome.res_id):
+            req = dataclasses.replace(req, prefer_return=RETURN_MINIMAL)  # found, but not readable with this grant
     _kick(engine, job)
     if created:
         assert isinstance(outcome, WriteResult)

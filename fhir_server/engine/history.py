@@ -32,7 +32,7 @@ def _authorize(engine: Engine, repo: ResourceRepository, req: FhirRequest, rtype
         authorization.grants(access, "r", t)
     if rid is not None and rtype is not None:
         state = repo.current_state(rtype, rid)
-        if state is not None and not state.deleted:
+        if state is not None:  # a deleted one matches no patient or criteria: only an unrestricted grant sees it
             authorization.check_instance(engine, repo, access, "r", rtype, rid)
         return
     ctx = engine.contexts.for_repo(repo)

@@ -252,7 +252,7 @@ def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, bod
             old = json.loads(previous.body)
     result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method=method, index=index,
                         if_match=if_match, create_only=create_only)
-    authorization.check_instance(engine, repo, access, permission, rtype, rid)
+    authorization.check_writable(engine, repo, access, permission, rtype, rid)
     job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None
     return result, job
 
@@ -263,7 +263,7 @@ def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, ac
     authorization.grants_unless_internal(access, "d", rtype)
     state = repo.current_state(rtype, rid) if not access.internal else None
     if state is not None and not state.deleted:
-        authorization.check_instance(engine, repo, access, "d", rtype, rid)
+        authorization.check_writable(engine, repo, access, "d", rtype, rid)
     old = None
     if rtype == "SearchParameter":
         previous = repo.read(rtype, rid)

@@ -33,6 +33,7 @@ from fhir_server.storage.search_store import Row, SearchStore, SortColumn
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
+    from fhir_server.security.access import AccessContext
 
 R = schema.resources
 MAX_INCLUDED = 1000
@@ -97,6 +98,7 @@ def search(
                 if clause is not None:
                     extra[t] = (*extra.get(t, ()), clause)
         query = ctx.parser.parse(types, pairs, strict=req.prefer_handling == "strict", extra=extra)
+        query = authorization.guard_query(engine, ctx, req.access, query)
         memory_sort = any(k.param.type in ("string", "token", "uri") and not k.param.special for k in query.sort)
         sort_columns = [] if memory_sort else [_sort_column(ctx.params, k, types) for k in query.sort]
         kinds = ["str?"] * len(query.sort) if memory_sort else [c.kind for c in sort_columns]
@@ -408,7 +410,7 @@ def _entry(engine: Engine, req: FhirRequest, row: Row, query: SearchQuery, mode:
 
 
 def matching_ids(engine: Engine, repo: Any, rtype: str, query: str, *, limit: int = 2,
-                 constraint: Clause | None = None) -> list[str]:
+                 constraint: Clause | None = None, access: AccessContext | None = None) -> list[str]:
     """Ids of ``rtype`` resources matching a search query string, inside an open unit of work.
 
     For conditional interactions (If-None-Exist, conditional update, delete and patch, and conditional
@@ -420,14 +422,17 @@ def matching_ids(engine: Engine, repo: Any, rtype: str, query: str, *, limit: in
         raise BadRequest(f"A conditional {rtype} needs search criteria", expression="query")
     if any(k in ("_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total") for k, _ in pairs):
         raise BadRequest("A conditional interaction takes search criteria only (no result parameters)", expression="query")
-    return ids_matching(engine, repo, rtype, pairs, () if constraint is None else (constraint,), limit=limit)
+    return ids_matching(engine, repo, rtype, pairs, () if constraint is None else (constraint,), limit=limit, access=access)
 
 
 def ids_matching(engine: Engine, repo: Any, rtype: str, pairs: list[tuple[str, str]], clauses: tuple[Clause, ...], *,
-                 limit: int) -> list[str]:
-    """Ids of ``rtype`` resources matching criteria ``pairs`` and ``clauses``, inside an open unit of work."""
+                 limit: int, access: AccessContext | None = None) -> list[str]:
+    """Ids of ``rtype`` resources matching criteria ``pairs`` and ``clauses``, inside an open unit of work
+    (chains and ``_has`` held to ``access``, when given)."""
     ctx = engine.contexts.for_repo(repo)
     parsed = ctx.parser.parse((rtype,), pairs, strict=True, extra={rtype: clauses} if clauses else None)
+    if access is not None:
+        parsed = authorization.guard_query(engine, ctx, access, parsed)
     store = SearchStore(repo)
     compiler = Compiler(repo.sealer.keys, ctx.extractor, "", materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
                         fetch_ids=store.ids_if_few)

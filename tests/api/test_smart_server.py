@@ -228,7 +228,8 @@ def test_authorize_errors_before_the_client_is_known_stay_on_the_server(raw: Fla
     assert query["error"] == ["unsupported_response_type"] and resp.headers["Location"].startswith(REDIRECT)
 
 
-def _login_to_picker(raw: FlaskClient, reg: dict[str, str], username: str) -> str:
+def _login_to_picker(raw: FlaskClient, reg: dict[str, str], username: str) -> dict[str, str]:
+    """Through /authorize and the login page; the picker's hidden fields (csrf, request)."""
     t = reg["tenant"]
     params = {"response_type": "code", "client_id": reg["client_id"], "redirect_uri": REDIRECT, "scope": "launch/patient patient/*.rs",
               "state": "s1", "aud": f"http://localhost/fhir/{t}", "code_challenge": "x" * 43, "code_challenge_method": "S256"}
@@ -236,7 +237,10 @@ def _login_to_picker(raw: FlaskClient, reg: dict[str, str], username: str) -> st
     csrf = _csrf(raw.get(f"/auth/{t}/login").data)
     resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": username, "password": PASSWORD})
     assert resp.status_code == 302 and resp.headers["Location"].endswith("/patient")
-    return _csrf(raw.get(f"/auth/{t}/patient").data)
+    page = raw.get(f"/auth/{t}/patient").data
+    found = re.search(rb'name="request" value="([^"]+)"', page)
+    assert found
+    return {"csrf": _csrf(page), "request": found.group(1).decode()}
 
 
 def test_the_patient_picker_of_a_patient_user_offers_only_their_record(raw: FlaskClient, client: FlaskClient, storage: Storage,
@@ -248,16 +252,17 @@ def test_the_patient_picker_of_a_patient_user_offers_only_their_record(raw: Flas
     with _store(storage, t) as repo:
         AuthStore(repo).create_user(username="pat", password_hash=passwords.hash_password(PASSWORD), fhir_user="Patient/me",
                                     roles=["patient"], mfa_required=False)
-    csrf = _login_to_picker(raw, registered, "pat")
+    hidden = _login_to_picker(raw, registered, "pat")
     page = raw.get(f"/auth/{t}/patient?name=Other").data
     assert b"Myself" in page and b"Otherperson" not in page
-    resp = raw.post(f"/auth/{t}/patient", data={"csrf": csrf, "patient": "other"})
+    resp = raw.post(f"/auth/{t}/patient", data={**hidden, "patient": "other"})
     assert resp.status_code == 200  # the picker again: not an allowed choice
-    resp = raw.post(f"/auth/{t}/patient", data={"csrf": csrf, "patient": "me"})
+    assert raw.post(f"/auth/{t}/patient", data={"csrf": hidden["csrf"], "patient": "me"}).status_code == 400  # no request id
+    resp = raw.post(f"/auth/{t}/patient", data={**hidden, "patient": "me"})
     assert resp.status_code == 302 and resp.headers["Location"].endswith("/consent")
     # Staff search the tenant's patients.
     staff = raw.application.test_client()
-    csrf = _login_to_picker(staff, registered, "nurse")
+    _login_to_picker(staff, registered, "nurse")
     assert b"Otherperson" in staff.get(f"/auth/{t}/patient?name=Other").data
 
 
@@ -265,11 +270,11 @@ def test_consent_accepts_requested_scopes_and_narrowings_only(raw: FlaskClient, 
                                                                registered: dict[str, str]) -> None:
     t = registered["tenant"]
     assert client.put(f"/fhir/{t}/Patient/me", json={"resourceType": "Patient", "id": "me"}).status_code == 201
-    csrf = _login_to_picker(raw, registered, "nurse")
-    assert raw.post(f"/auth/{t}/patient", data={"csrf": csrf, "patient": "me"}).status_code == 302
+    hidden = _login_to_picker(raw, registered, "nurse")
+    assert raw.post(f"/auth/{t}/patient", data={**hidden, "patient": "me"}).status_code == 302
     page = raw.get(f"/auth/{t}/consent").data
     assert b'value="patient/*.rs" checked' in page
-    form = MultiDict([("csrf", csrf), ("decision", "approve"), ("scope", "launch/patient"),
+    form = MultiDict([("csrf", hidden["csrf"]), ("request", hidden["request"]), ("decision", "approve"), ("scope", "launch/patient"),
                       ("scope", "patient/Observation.rs?category=x|y"), ("scope", "user/*.cruds"), ("scope", "patient/*.cruds")])
     resp = raw.post(f"/auth/{t}/consent", data=form)
     assert resp.status_code == 302
@@ -360,3 +365,143 @@ def test_private_key_jwt_with_keys_from_a_jwks_uri(raw: FlaskClient, storage: St
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- regressions from an independent review ------------------------------------------------------------------
+
+def _hidden(page: bytes) -> dict[str, str]:
+    return {m.group(1).decode(): m.group(2).decode() for m in re.finditer(rb'type="hidden" name="([^"]+)" value="([^"]*)"', page)}
+
+
+def _authorize_to_code(raw: FlaskClient, reg: dict[str, str], username: str, *, patient: str | None = None,
+                       scope: str = "launch/patient patient/*.rs", **extra: str) -> Any:
+    """/authorize, login, picker, consent (approve all): the final response (a redirect to the app)."""
+    t = reg["tenant"]
+    params = {"response_type": "code", "client_id": reg["client_id"], "redirect_uri": REDIRECT, "scope": scope, "state": "s1",
+              "aud": f"http://localhost/fhir/{t}", "code_challenge": smart_challenge(), "code_challenge_method": "S256", **extra}
+    params = {k: v for k, v in params.items() if v}
+    resp = raw.get(f"/auth/{t}/authorize?{urlencode(params)}")
+    while resp.status_code == 302 and resp.headers["Location"].startswith("/auth/"):
+        location = resp.headers["Location"]
+        page = raw.get(location).data
+        if location.endswith("/login"):
+            resp = raw.post(location, data={**_hidden(page), "username": username, "password": PASSWORD})
+        elif location.endswith("/patient"):
+            resp = raw.post(location, data={**_hidden(page), "patient": patient or ""})
+        elif location.endswith("/consent"):
+            scopes = re.findall(rb'name="scope" value="([^"]+)" checked', page)
+            resp = raw.post(location, data=MultiDict([*_hidden(page).items(), ("decision", "approve"),
+                                                      *(("scope", s.decode()) for s in scopes)]))
+        else:
+            raise AssertionError(location)
+    return resp
+
+
+VERIFIER = "v" * 50
+
+
+def smart_challenge() -> str:
+    import base64
+    import hashlib
+
+    return base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest()).rstrip(b"=").decode()
+
+
+def test_launches_work_once_and_a_patient_user_cannot_use_anothers(raw: FlaskClient, client: FlaskClient, storage: Storage,
+                                                                   registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    for pid in ("me", "other"):
+        assert client.put(f"/fhir/{t}/Patient/{pid}", json={"resourceType": "Patient", "id": pid}).status_code == 201
+    with _store(storage, t) as repo:
+        store = AuthStore(repo)
+        store.create_user(username="pat", password_hash=passwords.hash_password(PASSWORD), fhir_user="Patient/me",
+                          roles=["patient"], mfa_required=False)
+        for_other = store.create_launch({"patient": "other"}, created_by="ehr")
+        for_me = store.create_launch({"patient": "me"}, created_by="ehr")
+    resp = _authorize_to_code(raw, registered, "pat", scope="launch patient/*.rs", launch=for_other)
+    assert parse_qs(urlsplit(resp.headers["Location"]).query)["error"] == ["access_denied"]
+    resp = _authorize_to_code(raw.application.test_client(), registered, "pat", scope="launch patient/*.rs", launch=for_me)
+    assert "code" in parse_qs(urlsplit(resp.headers["Location"]).query)
+    again = raw.application.test_client().get(f"/auth/{t}/authorize?" + urlencode({
+        "response_type": "code", "client_id": registered["client_id"], "redirect_uri": REDIRECT, "scope": "launch patient/*.rs",
+        "state": "s", "aud": f"http://localhost/fhir/{t}", "code_challenge": smart_challenge(), "code_challenge_method": "S256",
+        "launch": for_me}))
+    assert parse_qs(urlsplit(again.headers["Location"]).query)["error"] == ["invalid_request"]  # used up
+
+
+def test_a_consent_page_cannot_answer_a_request_that_replaced_it(raw: FlaskClient, client: FlaskClient,
+                                                                 registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    assert client.put(f"/fhir/{t}/Patient/me", json={"resourceType": "Patient", "id": "me"}).status_code == 201
+    hidden = _login_to_picker(raw, registered, "nurse")
+    assert raw.post(f"/auth/{t}/patient", data={**hidden, "patient": "me"}).status_code == 302
+    old_page = _hidden(raw.get(f"/auth/{t}/consent").data)
+    _authorize(raw, registered)  # another /authorize in the same browser replaces the pending request
+    resp = raw.post(f"/auth/{t}/consent", data={**old_page, "decision": "approve", "scope": "patient/*.rs"})
+    assert resp.status_code == 400 and "Location" not in resp.headers
+
+
+def test_second_factor_failures_lock_the_account(raw: FlaskClient, storage: Storage, registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    with _store(storage, t) as repo:
+        AuthStore(repo).set_mfa_secret("nurse", passwords.new_totp_secret())
+    for _ in range(3):  # the right password each time, then wrong codes: failures add up across logins
+        _authorize(raw, registered)
+        csrf = _csrf(raw.get(f"/auth/{t}/login").data)
+        resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nurse", "password": PASSWORD})
+        if resp.status_code != 302:
+            break
+        mfa_csrf = _csrf(raw.get(f"/auth/{t}/mfa").data)  # the session was renewed with the password
+        for _ in range(2):
+            assert raw.post(f"/auth/{t}/mfa", data={"csrf": mfa_csrf, "code": "000000"}).status_code == 401
+    with _store(storage, t) as repo:
+        user = AuthStore(repo).user("nurse")
+    assert user is not None and user.locked_until > now_us()
+
+
+def test_control_characters_and_absurd_claims_are_4xx(raw: FlaskClient, storage: Storage, registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    _authorize(raw, registered)
+    csrf = _csrf(raw.get(f"/auth/{t}/login").data)
+    assert raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": "nu\x00rse", "password": "x"}).status_code == 401
+    resp = raw.post(f"/auth/{t}/token", data={"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": "x"})
+    assert resp.status_code == 400
+
+
+def test_redirect_uri_left_out_of_authorize_may_be_left_out_of_the_token_request(raw: FlaskClient, client: FlaskClient,
+                                                                                 registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    assert client.put(f"/fhir/{t}/Patient/me", json={"resourceType": "Patient", "id": "me"}).status_code == 201
+    resp = _authorize_to_code(raw, registered, "nurse", patient="me", redirect_uri="")
+    code = parse_qs(urlsplit(resp.headers["Location"]).query)["code"][0]
+    token = raw.post(f"/auth/{t}/token", data={"grant_type": "authorization_code", "code": code, "client_id": registered["client_id"],
+                                               "code_verifier": VERIFIER})
+    assert token.status_code == 200, token.json
+
+
+def test_concurrent_refreshes_of_one_token_rotate_once(app: Flask, raw: FlaskClient, client: FlaskClient,
+                                                        registered: dict[str, str], storage: Storage) -> None:
+    import threading
+
+    t = registered["tenant"]
+    assert client.put(f"/fhir/{t}/Patient/me", json={"resourceType": "Patient", "id": "me"}).status_code == 201
+    with _store(storage, t) as repo:  # the client may ask for offline access
+        repo.conn.execute(update(schema.oauth_clients).where(schema.oauth_clients.c.client_id == registered["client_id"])
+                          .values(scope="launch/patient patient/*.rs offline_access"))
+    resp = _authorize_to_code(raw, registered, "nurse", patient="me", scope="launch/patient patient/*.rs offline_access")
+    code = parse_qs(urlsplit(resp.headers["Location"]).query)["code"][0]
+    first = raw.post(f"/auth/{t}/token", data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+                                               "client_id": registered["client_id"], "code_verifier": VERIFIER}).json
+    statuses: list[int] = []
+
+    def refresh() -> None:
+        r = app.test_client().post(f"/auth/{t}/token", data={"grant_type": "refresh_token", "client_id": registered["client_id"],
+                                                              "refresh_token": first["refresh_token"]})  # type: ignore[index]
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=refresh) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(statuses).count(200) <= 1, statuses

@@ -158,3 +158,68 @@ def test_conditional_interactions_see_only_what_the_grant_allows(engine: Engine,
     assert created.status == 201
     assert status(engine, data, "DELETE", "Observation", params=(("subject", "Patient/p2"),), access=who) == 204
     assert status(engine, data, "GET", "Observation/lab2") == 200  # not deleted: it was never matched
+
+
+# --- regressions from an independent review ------------------------------------------------------------------
+
+def test_deleted_resources_history_and_recreation_stay_out_of_reach(engine: Engine, data: str) -> None:
+    call(engine, data, "DELETE", "Observation/lab2")  # p2's
+    who = access("patient/Observation.crs", patient="p1")
+    assert status(engine, data, "GET", "Observation/lab2/_history", access=who) == 403
+    assert status(engine, data, "GET", "Observation/lab2/_history/1", access=who) == 403
+    # Re-creating the deleted id as p1's would make p2's old versions readable as p1's.
+    assert status(engine, data, "PUT", "Observation/lab2", observation("lab2", "p1"), access=who) == 403
+    assert status(engine, data, "PUT", "Observation/lab2", observation("lab2", "p1"), access=access("user/Observation.crs")) == 201
+
+
+def test_patient_writes_cannot_reach_into_another_patients_record(engine: Engine, data: str) -> None:
+    who = access("patient/Observation.cruds", patient="p1")
+    # In p1's compartment (performer) and in p2's (subject): refused, nothing written.
+    sneaky = {**observation("x1", "p2"), "performer": [{"reference": "Patient/p1"}]}
+    assert status(engine, data, "PUT", "Observation/x1", sneaky, access=who) == 403
+    assert status(engine, data, "GET", "Observation/x1") == 404
+    assert status(engine, data, "POST", "Observation", {k: v for k, v in sneaky.items() if k != "id"}, access=who) == 403
+    transaction = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": sneaky, "request": {"method": "PUT", "url": "Observation/x1"}}]}
+    assert status(engine, data, "POST", "", transaction, access=who) == 403
+    # An existing resource in both records: p1's app can neither change nor delete it.
+    call(engine, data, "PUT", "Observation/shared", {**observation("shared", "p2"), "performer": [{"reference": "Patient/p1"}]})
+    assert status(engine, data, "DELETE", "Observation/shared", access=who) == 403
+    assert status(engine, data, "PUT", "Observation/shared", observation("shared", "p1"), access=who) == 403
+    # Its own: fine, and a clinician's user/ grant is not limited to one patient.
+    assert status(engine, data, "PUT", "Observation/mine", observation("mine", "p1", performer="Practitioner/dr"), access=who) == 201
+    assert status(engine, data, "PUT", "Observation/x2", sneaky | {"id": "x2"}, access=access("user/Observation.cu")) == 201
+
+
+def test_a_patient_users_user_scopes_reach_only_their_own_record(engine: Engine, data: str) -> None:
+    patient_user = AccessContext(parse_scopes("user/*.rs"), fhir_user="Patient/p1", client_id="app")
+    assert status(engine, data, "GET", "Observation/lab1", access=patient_user) == 200
+    assert status(engine, data, "GET", "Observation/lab2", access=patient_user) == 403
+    assert ids(engine, data, "Observation", patient_user) == ["Observation/lab1", "Observation/vit1"]
+    clinician = AccessContext(parse_scopes("user/*.rs"), fhir_user="Practitioner/dr", client_id="app")
+    assert status(engine, data, "GET", "Observation/lab2", access=clinician) == 200
+
+
+def test_chains_and_has_are_held_to_the_grant(engine: Engine, data: str) -> None:
+    only_patients = access("user/Patient.rs")
+    has = (("_has:Observation:subject:code", "http://loinc.org|2339-0"),)
+    assert status(engine, data, "GET", "Patient", params=has, access=only_patients) == 403
+    assert status(engine, data, "GET", "Patient", params=has, access=access("user/Patient.rs user/Observation.rs")) == 200
+    # A patient/ grant on the chained type: only that patient's resources count.
+    p1 = access("patient/Patient.rs patient/Observation.rs", patient="p1")
+    assert ids(engine, data, "Patient", p1, has) == ["Patient/p1"]
+    chain = (("subject:Patient.name", "p2"),)
+    assert ids(engine, data, "Observation", access("patient/Observation.rs user/Patient.rs", patient="p1"), chain) == []
+    assert status(engine, data, "GET", "Observation", params=chain, access=access("user/Observation.rs")) == 403
+    assert status(engine, data, "GET", "Observation", params=(("_list", "l1"),), access=access("user/Observation.rs")) == 403
+
+
+def test_a_write_only_grant_does_not_read_through_conditional_create(engine: Engine, data: str) -> None:
+    who = access("patient/Observation.c", patient="p1")
+    found = call(engine, data, "POST", "Observation", {k: v for k, v in observation("_", "p1").items() if k != "id"},
+                 if_none_exist="_id=lab1", access=who)
+    assert found.status == 200 and found.body is None and found.headers["ETag"] == 'W/"1"'
+    reader = access("patient/Observation.cr", patient="p1")
+    found = call(engine, data, "POST", "Observation", {k: v for k, v in observation("_", "p1").items() if k != "id"},
+                 if_none_exist="_id=lab1", access=reader)
+    assert found.status == 200 and resource(found)["id"] == "lab1"

@@ -296,9 +296,12 @@ class PrivateKeyJwt(JWTBearerClientAssertion):  # type: ignore[misc]
         return claims
 
     def validate_jti(self, claims: dict[str, Any], jti: Any) -> bool:
-        if not isinstance(jti, str) or not jti:
+        exp = claims.get("exp")
+        if not isinstance(jti, str) or not jti or not isinstance(exp, (int, float)):
             return False
-        return current().store.remember_jti(str(claims["sub"]), jti, int(claims["exp"]) * SECOND + 60 * SECOND)
+        if exp > time.time() + ASSERTION_MAX_AHEAD_SECONDS + self.leeway:  # checked again, with a clearer message, below
+            raise InvalidClientError(description="The client assertion's exp must be at most five minutes ahead")
+        return current().store.remember_jti(str(claims["sub"]), jti, int(exp) * SECOND + 60 * SECOND)
 
 
 # --- grants ---------------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ class SmartAuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignor
         context = dict(getattr(request, "smart_context", {}) or {})
         current().store.save_code(
             code, grant_id=uuid.uuid4().hex, client_id=request.client.get_client_id(), username=request.user.get_user_id(),
-            redirect_uri=request.payload.redirect_uri or request.client.get_default_redirect_uri() or "",
+            redirect_uri=request.payload.redirect_uri or "",  # as sent: the token request repeats it only if it was
             scope=request.scope or "", context=context, code_challenge=request.payload.data.get("code_challenge") or "",
             lifetime_s=CODE_SECONDS,
         )
@@ -365,7 +368,7 @@ class SmartRefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
 
     def authenticate_refresh_token(self, refresh_token: str) -> Credential | None:
         store = current().store
-        record = store.token(refresh_token)
+        record = store.token(refresh_token, lock=True)  # two refreshes with one token: the second waits, then fails
         if record is None or record.kind != "refresh":
             return None
         if record.revoked_at is not None:  # a rotated (or revoked) refresh token presented again

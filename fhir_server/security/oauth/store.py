@@ -128,7 +128,7 @@ class AuthStore:
         return client_id, secret
 
     def client(self, client_id: str) -> ClientRecord | None:
-        if not client_id or len(client_id) > 64:
+        if not client_id or len(client_id) > 64 or not client_id.isprintable():
             return None
         row = self.conn.execute(select(C).where(C.c.tenant_id == self.tid, C.c.client_id == client_id)).first()
         if row is None:
@@ -157,7 +157,7 @@ class AuthStore:
         ))
 
     def user(self, username: str) -> UserRecord | None:
-        if not username or len(username) > 128:
+        if not username or len(username) > 128 or not username.isprintable():
             return None
         row = self.conn.execute(select(U).where(U.c.tenant_id == self.tid, U.c.username == username)).first()
         if row is None:
@@ -246,10 +246,12 @@ class AuthStore:
         ))
         return now
 
-    def token(self, token: str) -> TokenRecord | None:
+    def token(self, token: str, *, lock: bool = False) -> TokenRecord | None:
+        """The token's record; ``lock`` holds its row until the transaction ends (a refresh token being rotated)."""
         if not token or len(token) > 512:
             return None
-        row = self.conn.execute(select(T).where(T.c.tenant_id == self.tid, T.c.token_hash == digest(token))).first()
+        query = select(T).where(T.c.tenant_id == self.tid, T.c.token_hash == digest(token))
+        row = self.conn.execute(query.with_for_update() if lock else query).first()
         if row is None:
             return None
         return TokenRecord(row.kind, row.grant_id, row.client_id, row.username, row.scope, json.loads(row.context),
@@ -273,10 +275,12 @@ class AuthStore:
                                            created_by=created_by, expires_at=now_us() + lifetime_s * SECOND))
         return launch
 
-    def launch(self, launch: str) -> dict[str, Any] | None:
+    def take_launch(self, launch: str) -> dict[str, Any] | None:
+        """The launch's context; the launch is used up (a launch id in a URL that leaks cannot be replayed)."""
         if not launch or len(launch) > 512:
             return None
-        row = self.conn.execute(select(L).where(L.c.tenant_id == self.tid, L.c.launch_hash == digest(launch))).first()
+        row = self.conn.execute(delete(L).where(L.c.tenant_id == self.tid, L.c.launch_hash == digest(launch))
+                                .returning(L.c.context, L.c.expires_at)).first()
         if row is None or row.expires_at <= now_us():
             return None
         context: dict[str, Any] = json.loads(row.context)
@@ -286,7 +290,7 @@ class AuthStore:
 
     def remember_jti(self, client_id: str, jti: str, expires_at: int) -> bool:
         """False when this client used this assertion id before (a replay)."""
-        if len(jti) > 255:
+        if len(jti) > 255 or not jti.isprintable():
             return False
         self.conn.execute(delete(J).where(J.c.tenant_id == self.tid, J.c.expires_at < now_us()))
         dialect_insert = postgresql.insert if self.conn.dialect.name == "postgresql" else sqlite.insert
