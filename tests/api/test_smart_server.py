@@ -164,6 +164,14 @@ def test_secrets_at_rest(storage: Storage, registered: dict[str, str]) -> None:
         assert secret.encode() not in bytes(row.mfa_secret)
         assert store.mfa_secret("nurse") == secret
         assert token.encode() not in b"".join(bytes(r.token_hash) for r in repo.conn.execute(select(schema.oauth_tokens.c.token_hash)))
+    # Launch contexts (a break-glass reason among them) are sealed like resources.
+    glass = mint_token(storage, t, scope="user/*.rs", break_glass="unconscious patient, Jane Roe")
+    with _store(storage, t) as repo:
+        stored = " ".join(r.context for r in repo.conn.execute(select(schema.oauth_tokens.c.context)
+                                                               .where(schema.oauth_tokens.c.tenant_id == repo.tenant.id)))
+        assert "Jane Roe" not in stored and "break_glass" not in stored
+        record = AuthStore(repo).token(glass)
+        assert record is not None and record.context["break_glass"] == "unconscious patient, Jane Roe"
 
 
 def test_totp_codes_work_once(storage: Storage, registered: dict[str, str]) -> None:

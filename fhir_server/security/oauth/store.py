@@ -7,6 +7,7 @@ key sealed with the tenant's data key (AES-256-GCM, bound to the tenant and reco
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -214,7 +215,8 @@ class AuthStore:
                   context: dict[str, Any], code_challenge: str, lifetime_s: int) -> None:
         self.conn.execute(insert(CODES).values(
             tenant_id=self.tid, code_hash=digest(code), grant_id=grant_id, client_id=client_id, username=username,
-            redirect_uri=redirect_uri, scope=scope, context=json.dumps(context), code_challenge=code_challenge,
+            redirect_uri=redirect_uri, scope=scope, context=self._seal_context("code", digest(code), context),
+            code_challenge=code_challenge,
             expires_at=now_us() + lifetime_s * SECOND, used_at=None,
         ))
 
@@ -226,7 +228,8 @@ class AuthStore:
                                 .with_for_update()).first()
         if row is None:
             return None
-        return CodeRecord(row.grant_id, row.client_id, row.username, row.redirect_uri, row.scope, json.loads(row.context),
+        return CodeRecord(row.grant_id, row.client_id, row.username, row.redirect_uri, row.scope,
+                          self._open_context("code", row.code_hash, row.context),
                           row.code_challenge, row.expires_at, row.used_at)
 
     def use_code(self, code: str) -> None:
@@ -241,7 +244,7 @@ class AuthStore:
         now = now_us()
         self.conn.execute(insert(T).values(
             tenant_id=self.tid, token_hash=digest(token), kind=kind, grant_id=grant_id, client_id=client_id,
-            username=username, scope=scope, context=json.dumps(context), issued_at=now,
+            username=username, scope=scope, context=self._seal_context("token", digest(token), context), issued_at=now,
             expires_at=now + lifetime_s * SECOND, revoked_at=None,
         ))
         return now
@@ -254,7 +257,8 @@ class AuthStore:
         row = self.conn.execute(query.with_for_update() if lock else query).first()
         if row is None:
             return None
-        return TokenRecord(row.kind, row.grant_id, row.client_id, row.username, row.scope, json.loads(row.context),
+        return TokenRecord(row.kind, row.grant_id, row.client_id, row.username, row.scope,
+                           self._open_context("token", row.token_hash, row.context),
                            row.issued_at, row.expires_at, row.revoked_at)
 
     def revoke_token(self, token: str) -> None:
@@ -271,7 +275,8 @@ class AuthStore:
 
     def create_launch(self, context: dict[str, Any], created_by: str, lifetime_s: int = 3600) -> str:
         launch = new_secret(24)
-        self.conn.execute(insert(L).values(tenant_id=self.tid, launch_hash=digest(launch), context=json.dumps(context),
+        self.conn.execute(insert(L).values(tenant_id=self.tid, launch_hash=digest(launch),
+                                           context=self._seal_context("launch", digest(launch), context),
                                            created_by=created_by, expires_at=now_us() + lifetime_s * SECOND))
         return launch
 
@@ -283,8 +288,7 @@ class AuthStore:
                                 .returning(L.c.context, L.c.expires_at)).first()
         if row is None or row.expires_at <= now_us():
             return None
-        context: dict[str, Any] = json.loads(row.context)
-        return context
+        return self._open_context("launch", digest(launch), row.context)
 
     # --- client assertion ids -------------------------------------------------------------------------
 
@@ -351,6 +355,14 @@ class AuthStore:
                                            public_jwk=json.dumps(public_jwk), created_at=now_us()))
 
     # --- sealing -------------------------------------------------------------------------------------
+
+    def _seal_context(self, kind: str, key_digest: bytes, context: dict[str, Any]) -> str:
+        """A launch context (patient, encounter, a break-glass reason...) sealed like resources: base64 text."""
+        return base64.b64encode(self._seal(f"oauth-{kind}-context", key_digest.hex(), json.dumps(context).encode())).decode()
+
+    def _open_context(self, kind: str, key_digest: bytes, stored: str) -> dict[str, Any]:
+        context: dict[str, Any] = json.loads(self._open(f"oauth-{kind}-context", bytes(key_digest).hex(), base64.b64decode(stored)))
+        return context
 
     def _seal(self, kind: str, record_id: str, data: bytes) -> bytes:
         key_version, sealed = self.repo.sealer.seal_record(kind, record_id, data)
