@@ -264,7 +264,7 @@ def authorize(tenant: str) -> Response:
             context["nonce"] = params["nonce"][:256]
         sid, session = _session(scope.store)
         session.pending = {"id": new_secret(12), "params": params, "context": context, "client": grant.client.record.name,
-                           "scope": grant.request.scope or ""}
+                           "scope": grant.request.scope or "", "redirect_uri": redirect_uri}
         scope.store.save_session(sid, session)
         return _with_cookie(redirect(_next_page(tenant, scope.store, session)), tenant, sid)
 
@@ -496,7 +496,8 @@ def consent(tenant: str) -> Response:
         context = dict(pending["context"])
         own = user.fhir_user.split("/", 1)[1] if user.fhir_user and user.fhir_user.startswith("Patient/") else None
         if own is not None and context.get("patient", own) != own:
-            return _finish_error(req, "access_denied", "this launch is for another patient's record")
+            return _redirect_error(pending["redirect_uri"], "access_denied", "this launch is for another patient's record",
+                                   pending["params"].get("state"))
         reason = request.form.get("break_glass_reason", "").strip()
         if emergency and request.form.get("break_glass") and reason:
             context["break_glass"] = reason[:500]
@@ -514,12 +515,6 @@ def _narrowings(scope: str) -> list[tuple[str, str]]:
     if not isinstance(grant, Grant) or grant.query or grant.context == "system" or grant.resource_type not in GRANULAR_CHOICES:
         return []
     return [(f"{scope}?category={token}", label) for token, label in GRANULAR_CHOICES[grant.resource_type]]
-
-
-def _finish_error(req: PendingRequest, error: str, description: str) -> Response:
-    """End the request with an error sent back to the app (its redirect_uri was validated at /authorize)."""
-    redirect_uri = req._params.get("redirect_uri") or ""
-    return _redirect_error(redirect_uri, error, description, req._params.get("state"))
 
 
 def _finish(req: PendingRequest, user: oauth.User | None) -> Response:
