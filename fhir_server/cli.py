@@ -60,6 +60,9 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level)
     tls = _check_transport(settings)
+    if settings.production and not settings.base_url:
+        click.echo("warning: FHIR_BASE_URL is not set, so the base URL, and with it the SMART issuer and the audience "
+                   "tokens are checked against, follows each request's Host header; set it to the public URL", err=True)
     try:
         provider_from_settings(settings)  # make (or check) the master key before workers start
     except SettingsError as exc:

@@ -170,6 +170,18 @@ def users_set_password(tenant: str, username: str, password_stdin: bool) -> None
     click.echo(f"password of {username} set")
 
 
+@users.command("disable")
+@click.option("--tenant", required=True)
+@click.option("--username", required=True)
+@click.option("--enable", is_flag=True, help="Enable the user again instead.")
+def users_disable(tenant: str, username: str, enable: bool) -> None:
+    """Disable a user (no more logins; every token issued to them is revoked at once), or --enable again."""
+    with _store(tenant) as store:
+        if not store.set_user_active(username, enable):
+            raise click.ClickException(f"no user {username!r}")
+    click.echo(f"user {username} {'enabled' if enable else 'disabled; their tokens are revoked'}")
+
+
 @users.group("mfa")
 def users_mfa() -> None:
     """TOTP multi-factor authentication."""

@@ -100,3 +100,20 @@ def test_users_mfa_and_launches(cli_env: dict[str, str]) -> None:
     assert out["patient"] == "p1" and query == {"iss": ["https://fhir.example.org/fhir/default"], "launch": [out["launch"]]}
     proc = run(cli_env, "launch", "create", "--tenant", "default", "--patient", "p1", "--app-launch-url", "https://app/l", check=False)
     assert proc.returncode != 0 and "--iss" in proc.stderr
+
+
+def test_disabling_a_user_revokes_their_tokens(cli_env: dict[str, str]) -> None:
+    run(cli_env, "users", "create", "--tenant", "default", "--username", "leaver", "--password-stdin", stdin="a password long enough")
+    storage = _store_of(cli_env)
+    with storage.session("default", write=True) as repo:
+        AuthStore(repo).save_token("tok-of-leaver", kind="access", grant_id="g", client_id="app", username="leaver",
+                                   scope="user/*.rs", context={}, lifetime_s=3600)
+    assert "revoked" in run(cli_env, "users", "disable", "--tenant", "default", "--username", "leaver").stdout
+    with storage.session("default", write=False) as repo:
+        record = AuthStore(repo).token("tok-of-leaver")
+        user = AuthStore(repo).user("leaver")
+    assert record is not None and not record.active() and user is not None and not user.active
+    assert "enabled" in run(cli_env, "users", "disable", "--tenant", "default", "--username", "leaver", "--enable").stdout
+    proc = run(cli_env, "users", "disable", "--tenant", "default", "--username", "nobody", check=False)
+    assert proc.returncode != 0 and "no user" in proc.stderr
+    storage.db.dispose()

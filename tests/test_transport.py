@@ -102,6 +102,7 @@ def test_production_refuses_plain_http_unless_behind_a_trusted_proxy(env: dict[s
 
     env["FHIR_TRUSTED_PROXY"] = "127.0.0.1"
     server, root = start_server(env, tmp_path / "server.log")
+    assert "FHIR_BASE_URL is not set" in (tmp_path / "server.log").read_text()
     try:
         assert requests.get(f"{root}/healthz", timeout=10).status_code == 200  # load balancers' checks
         direct = requests.get(f"{root}/fhir/default/metadata", timeout=10)

@@ -166,6 +166,14 @@ class AuthStore:
         return UserRecord(row.username, row.password_hash, row.fhir_user, tuple(json.loads(row.roles)), row.mfa_secret is not None,
                           row.mfa_required, row.mfa_last_step, row.failed_logins, row.locked_until, row.active)
 
+    def set_user_active(self, username: str, active: bool) -> bool:
+        """Enable or disable a user; disabling revokes every token issued to them, at once."""
+        done = self.conn.execute(update(U).where(U.c.tenant_id == self.tid, U.c.username == username).values(active=active))
+        if not active:
+            self.conn.execute(update(T).where(T.c.tenant_id == self.tid, T.c.username == username, T.c.revoked_at.is_(None))
+                              .values(revoked_at=now_us()))
+        return bool(done.rowcount)
+
     def login_failed(self, username: str) -> None:
         """Count a failed login; the account locks after LOCKOUT_FAILURES in a row."""
         user = self.user(username)
