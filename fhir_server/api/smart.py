@@ -429,9 +429,8 @@ def patient(tenant: str) -> Response:
         sid, session = found
         pending: dict[str, Any] = session.pending or {}
         user = scope.store.user(session.username or "")
-        fhir_user = user.fhir_user if user is not None else None
-        # A patient (or their proxy logged in as them) picks only their own record; staff search the tenant's.
-        own = fhir_user.split("/", 1)[1] if fhir_user and fhir_user.startswith("Patient/") else None
+        # A patient, or a related person, picks only the record that is theirs; staff search the tenant's.
+        own = _own_patient(scope, tenant, user.fhir_user if user is not None else None)
         if request.method == "POST":
             if not _form_ok(session, for_request=True):
                 return _page("error.html", status=400, message="The form has expired; go back to the app and start again.")
@@ -444,6 +443,26 @@ def patient(tenant: str) -> Response:
         criteria = {"_id": own} if own is not None else {"name": query} if query else {}
         listed = _patients(scope, tenant, criteria)
         return _page("patient.html", tenant=tenant, csrf=session.csrf, patients=listed, name=query, request_id=pending["id"])
+
+
+def _own_patient(scope: oauth.OAuthScope, tenant: str, fhir_user: str | None) -> str | None:
+    """The one patient record a user may act on: their own (fhirUser Patient/x), or, for a related person
+    (fhirUser RelatedPerson/y), the patient that RelatedPerson is about ("" when it names none: no record).
+    None for staff, who are not limited to one patient."""
+    if not fhir_user:
+        return None
+    rtype, _, rid = fhir_user.partition("/")
+    if rtype == "Patient":
+        return rid
+    if rtype != "RelatedPerson":
+        return None
+    try:
+        found = scope.engine.handle(FhirRequest("GET", tenant, ("RelatedPerson", rid), scope.fhir_base, INTERNAL))
+        reference = str(loads_stored(dumps(found.body)).get("patient", {}).get("reference", ""))
+    except FhirError:
+        return ""
+    rtype, _, pid = reference.rpartition("/")
+    return pid if rtype.endswith("Patient") and pid else ""
 
 
 def _patients(scope: oauth.OAuthScope, tenant: str, criteria: dict[str, str]) -> list[dict[str, str]]:
@@ -494,10 +513,15 @@ def consent(tenant: str) -> Response:
             return _page("error.html", status=400, message="Too many scopes were chosen.")
         granted = list(within(chosen, requested_scopes).text)
         context = dict(pending["context"])
-        own = user.fhir_user.split("/", 1)[1] if user.fhir_user and user.fhir_user.startswith("Patient/") else None
+        own = _own_patient(scope, tenant, user.fhir_user)
+        if own == "":
+            return _redirect_error(pending["redirect_uri"], "access_denied", "this account is linked to no patient record",
+                                   pending["params"].get("state"))
         if own is not None and context.get("patient", own) != own:
             return _redirect_error(pending["redirect_uri"], "access_denied", "this launch is for another patient's record",
                                    pending["params"].get("state"))
+        if own is not None and user.fhir_user and not user.fhir_user.startswith("Patient/"):
+            context["user_patient"] = own  # a related person's user/ scopes reach that patient's record only
         reason = request.form.get("break_glass_reason", "").strip()
         if emergency and request.form.get("break_glass") and reason:
             context["break_glass"] = reason[:500]

@@ -73,11 +73,14 @@ def write_permission(engine: Engine, repo: ResourceRepository, access: AccessCon
 def compartment_patient(access: AccessContext, grant: Grant) -> str | None:
     """The patient whose compartment a grant is limited to: the launch patient for ``patient/`` scopes; for
     ``user/`` scopes of a user who is a Patient (fhirUser Patient/...), that patient (what a patient user
-    may see is their own record); None for the others (unrestricted by compartment)."""
+    may see is their own record), and of a related person, the patient they act for; None for the others
+    (unrestricted by compartment)."""
     if grant.context == "patient":
         return access.patient
     if grant.context == "user" and access.fhir_user and access.fhir_user.startswith("Patient/"):
         return access.fhir_user.split("/", 1)[1]
+    if grant.context == "user" and access.user_patient:
+        return access.user_patient  # a related person acting for a patient
     return None
 
 

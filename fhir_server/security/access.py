@@ -20,6 +20,7 @@ class AccessContext:
     client_id: str | None = None
     subject: str | None = None  # the user's username, or the client for a backend service
     fhir_user: str | None = None  # e.g. Practitioner/123
+    user_patient: str | None = None  # a related person's patient: their user/ scopes reach that record only
     token_id: str | None = None  # an identifier of the token (not the token), for audit
     break_glass: str | None = None  # the reason given, when the grant is an emergency access
     internal: bool = False  # the server itself: every interaction is allowed

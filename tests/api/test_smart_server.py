@@ -513,3 +513,33 @@ def test_concurrent_refreshes_of_one_token_rotate_once(app: Flask, raw: FlaskCli
     for th in threads:
         th.join()
     assert sorted(statuses).count(200) <= 1, statuses
+
+
+def test_a_related_person_acts_for_their_patient_only(raw: FlaskClient, client: FlaskClient, storage: Storage,
+                                                      registered: dict[str, str]) -> None:
+    t = registered["tenant"]
+    for pid, family in (("kid", "Child"), ("other", "Otherperson")):
+        assert client.put(f"/fhir/{t}/Patient/{pid}", json={"resourceType": "Patient", "id": pid,
+                                                           "name": [{"family": family}]}).status_code == 201
+        assert client.put(f"/fhir/{t}/Observation/o-{pid}", json={"resourceType": "Observation", "id": f"o-{pid}", "status": "final",
+                                                                  "code": {"text": "x"}, "subject": {"reference": f"Patient/{pid}"}}
+                          ).status_code == 201
+    assert client.put(f"/fhir/{t}/RelatedPerson/mum", json={"resourceType": "RelatedPerson", "id": "mum",
+                                                            "patient": {"reference": "Patient/kid"}}).status_code == 201
+    with _store(storage, t) as repo:
+        store = AuthStore(repo)
+        store.create_user(username="mum", password_hash=passwords.hash_password(PASSWORD), fhir_user="RelatedPerson/mum",
+                          roles=["related-person"], mfa_required=False)
+        repo.conn.execute(update(schema.oauth_clients).where(schema.oauth_clients.c.client_id == registered["client_id"])
+                          .values(scope="launch/patient patient/*.rs user/*.rs"))
+    hidden = _login_to_picker(raw, registered, "mum")
+    page = raw.get(f"/auth/{t}/patient?name=Other").data
+    assert b"Child" in page and b"Otherperson" not in page
+    assert raw.post(f"/auth/{t}/patient", data={**hidden, "patient": "other"}).status_code == 200  # not offered
+    resp = _authorize_to_code(raw.application.test_client(), registered, "mum", patient="kid", scope="launch/patient user/*.rs")
+    code = parse_qs(urlsplit(resp.headers["Location"]).query)["code"][0]
+    token = raw.post(f"/auth/{t}/token", data={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+                                               "client_id": registered["client_id"], "code_verifier": VERIFIER}).json
+    bearer = {"Authorization": f"Bearer {token['access_token']}"}  # type: ignore[index]
+    assert client.get(f"/fhir/{t}/Observation/o-kid", headers=bearer).status_code == 200
+    assert client.get(f"/fhir/{t}/Observation/o-other", headers=bearer).status_code == 403  # user/*.rs, but not theirs

@@ -64,6 +64,7 @@ def access_in(repo: ResourceRepository, base_url: str, token: str) -> AccessCont
         client_id=record.client_id,
         subject=record.username or record.client_id,
         fhir_user=context.get("fhirUser"),
+        user_patient=context.get("user_patient"),
         token_id=record.grant_id,
         break_glass=context.get("break_glass"),
     )
