@@ -123,8 +123,9 @@ def _json(body: dict[str, Any], status: int = 200) -> Response:
 
 def _endpoints(tenant: str) -> dict[str, str]:
     """The issuer and endpoints both discovery documents name (404 for an unknown tenant)."""
-    with _oauth(tenant):
-        pass  # the tenant exists
+    storage: Storage = current_app.extensions["fhir_storage"]
+    with storage_errors(tenant), storage.session(tenant, write=False):
+        pass  # opening it is the check that the tenant exists (a read: discovery writes nothing)
     auth = auth_base(tenant)
     return {"issuer": fhir_base(tenant), "jwks_uri": f"{auth}/jwks", "authorization_endpoint": f"{auth}/authorize",
             "token_endpoint": f"{auth}/token"}
