@@ -132,6 +132,16 @@ def write_many(conn: Connection, keys: TenantKeys, items: list[tuple[str, str, I
             conn.execute(insert(schema.metadata.tables[table_name]), rows)
 
 
+def _add_unit_hashes(cols: dict[str, list[Any]], keys: TenantKeys, res_type: str, key_name: str, system_code: str | None,
+                     code: str | None, unit: str | None) -> None:
+    """The blind indexes of a quantity's unit (system|code, code, written unit) for idx_quantity and idx_composite,
+    under the parameter's ``:unit`` key; search/sql.py's _quantity_value blinds the query's values the same way."""
+    unit_key = key_name + ":unit"
+    cols["system_code_hash"].append(keys.blind(res_type, unit_key, "sc\x00" + system_code) if system_code else None)
+    cols["code_hash"].append(keys.blind(res_type, unit_key, "c\x00" + code) if code else None)
+    cols["unit_hash"].append(keys.blind(res_type, unit_key, "c\x00" + unit) if unit else None)
+
+
 def _rows(keys: TenantKeys, res_type: str, entries: IndexEntries) -> dict[str, dict[str, list[Any]]]:
     """One resource's index rows, by table, as columns (identifying values blind-indexed)."""
     columns: dict[str, dict[str, list[Any]]] = {}
@@ -149,13 +159,10 @@ def _rows(keys: TenantKeys, res_type: str, entries: IndexEntries) -> dict[str, d
     if entries.quantities:
         q_cols: dict[str, list[Any]] = {k: [] for k in ("param_key", "low", "high", "system_code_hash", "code_hash", "unit_hash", "canonical")}
         for q in entries.quantities:
-            unit_key = q.key_name + ":unit"
             q_cols["param_key"].append(q.key)
             q_cols["low"].append(q.low)
             q_cols["high"].append(q.high)
-            q_cols["system_code_hash"].append(keys.blind(res_type, unit_key, "sc\x00" + q.system_code) if q.system_code else None)
-            q_cols["code_hash"].append(keys.blind(res_type, unit_key, "c\x00" + q.code) if q.code else None)
-            q_cols["unit_hash"].append(keys.blind(res_type, unit_key, "c\x00" + q.unit) if q.unit else None)
+            _add_unit_hashes(q_cols, keys, res_type, q.key_name, q.system_code, q.code, q.unit)
             q_cols["canonical"].append(q.canonical)
         columns["idx_quantity"] = q_cols
     if entries.references:
@@ -174,16 +181,13 @@ def _rows(keys: TenantKeys, res_type: str, entries: IndexEntries) -> dict[str, d
             k: [] for k in ("param_key", "hash", "low", "high", "low2", "high2", "system_code_hash", "code_hash", "unit_hash", "canonical")
         }
         for c in entries.composites:
-            unit_key = c.key_name + ":unit"
             c_cols["param_key"].append(c.key)
             c_cols["hash"].append(keys.blind(res_type, c.key_name, c.material))
             c_cols["low"].append(c.low)
             c_cols["high"].append(c.high)
             c_cols["low2"].append(c.low2)
             c_cols["high2"].append(c.high2)
-            c_cols["system_code_hash"].append(keys.blind(res_type, unit_key, "sc\x00" + c.system_code) if c.system_code else None)
-            c_cols["code_hash"].append(keys.blind(res_type, unit_key, "c\x00" + c.code) if c.code else None)
-            c_cols["unit_hash"].append(keys.blind(res_type, unit_key, "c\x00" + c.unit) if c.unit else None)
+            _add_unit_hashes(c_cols, keys, res_type, c.key_name, c.system_code, c.code, c.unit)
             c_cols["canonical"].append(c.canonical)
         columns["idx_composite"] = c_cols
 
