@@ -40,6 +40,7 @@ def run_jobs(engine: Engine) -> int:
 
 
 def test_custom_parameter_lifecycle(engine: Engine, tenant: str) -> None:
+    run_jobs(engine)  # jobs other tests left in the shared database (other tenants): the counts below are this test's
     for pid, sex in (("a", "F"), ("b", "M"), ("c", None)):
         call(engine, tenant, "PUT", f"Patient/{pid}", patient(pid, sex))
     assert call(engine, tenant, "PUT", "SearchParameter/birth-sex", birth_sex_parameter()).status == 201
