@@ -23,6 +23,7 @@ from fhir_server.storage import schema
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
+    from fhir_server.search.parameters import SearchParam
     from fhir_server.storage.repository import ResourceRepository
 
 
@@ -34,15 +35,17 @@ def definitions() -> dict[str, dict[str, list[str]]]:
     return data
 
 
+def _reference_params(engine: Engine, compartment: str, rtype: str) -> list[SearchParam]:
+    """The supported reference parameters that put a resource of ``rtype`` in a ``compartment``."""
+    params = (engine.search_params.get(rtype, code) for code in definitions().get(compartment, {}).get(rtype, []))
+    return [p for p in params if p is not None and p.supported and p.type == "reference"]
+
+
 def membership(engine: Engine, compartment: str, focal_id: str, rtype: str) -> Clause | None:
     """The clause "in compartment/focal_id" for resources of ``rtype`` (None if the type is never in it)."""
-    codes = definitions().get(compartment, {}).get(rtype, [])
-    options: list[Clause] = []
     target = f"{compartment}/{focal_id}"
-    for code in codes:
-        param = engine.search_params.get(rtype, code)
-        if param is not None and param.supported and param.type == "reference":
-            options.append(Criterion(param, None, (target,), f"compartment:{code}"))
+    options: list[Clause] = [Criterion(param, None, (target,), f"compartment:{param.code}")
+                             for param in _reference_params(engine, compartment, rtype)]
     if rtype == compartment:
         id_param = engine.search_params.get(rtype, "_id")
         assert id_param is not None
@@ -55,8 +58,7 @@ def membership(engine: Engine, compartment: str, focal_id: str, rtype: str) -> C
 def patients_referenced(engine: Engine, repo: ResourceRepository, rtype: str, rid: str) -> set[str]:
     """The ids of the Patients in whose compartment the resource, as indexed in this unit of work, is (by the
     Patient CompartmentDefinition's parameters; a Patient is in its own)."""
-    keys = [p.key for code in definitions().get("Patient", {}).get(rtype, [])
-            if (p := engine.search_params.get(rtype, code)) is not None and p.supported and p.type == "reference"]
+    keys = [param.key for param in _reference_params(engine, "Patient", rtype)]
     found = {rid} if rtype == "Patient" else set()
     if keys:
         ref = schema.idx_reference
