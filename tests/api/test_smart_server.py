@@ -245,10 +245,9 @@ def _login_to_picker(raw: FlaskClient, reg: dict[str, str], username: str) -> di
     csrf = _csrf(raw.get(f"/auth/{t}/login").data)
     resp = raw.post(f"/auth/{t}/login", data={"csrf": csrf, "username": username, "password": PASSWORD})
     assert resp.status_code == 302 and resp.headers["Location"].endswith("/patient")
-    page = raw.get(f"/auth/{t}/patient").data
-    found = re.search(rb'name="request" value="([^"]+)"', page)
-    assert found
-    return {"csrf": _csrf(page), "request": found.group(1).decode()}
+    hidden = _hidden(raw.get(f"/auth/{t}/patient").data)
+    assert hidden.keys() == {"csrf", "request"}
+    return hidden
 
 
 def test_the_patient_picker_of_a_patient_user_offers_only_their_record(raw: FlaskClient, client: FlaskClient, storage: Storage,
