@@ -21,6 +21,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from testsupport.server import client_credentials
+
 ROOT = Path(__file__).resolve().parent.parent
 LUA = Path(__file__).resolve().parent / "lua"
 BIN = Path(sys.executable).parent
@@ -85,11 +87,9 @@ class Server:
             return {}
         if self._token is None or time.monotonic() - self._token[0] > 200:
             root = self.base_url.split("/fhir/")[0]
-            r = requests.post(f"{root}/auth/default/token", data={"grant_type": "client_credentials", "scope": "system/*.cruds"},
-                              auth=(self.client["client_id"], self.client["client_secret"]),
-                              headers={"X-Forwarded-Proto": "https"}, timeout=30)
-            r.raise_for_status()
-            self._token = (time.monotonic(), r.json()["access_token"])
+            token = client_credentials(f"{root}/auth/default/token", self.client["client_id"], self.client["client_secret"],
+                                       "system/*.cruds", headers={"X-Forwarded-Proto": "https"})
+            self._token = (time.monotonic(), token)
         return {"Authorization": f"Bearer {self._token[1]}", "X-Forwarded-Proto": "https"}
 
     def worker_pids(self) -> list[int]:

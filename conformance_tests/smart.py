@@ -27,6 +27,8 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
+from testsupport.server import client_credentials
+
 REDIRECT_URI = "http://127.0.0.1:9/smart-callback"  # never contacted: the tests read the redirect's Location
 
 
@@ -325,10 +327,7 @@ class ClientCredentialsToken:
     def __call__(self, renew: bool) -> str | None:
         with self._lock:
             if self._token is None or renew:
-                resp = requests.post(self.token_url, data={"grant_type": "client_credentials", "scope": self.scope},
-                                     auth=(self.client_id, self.client_secret), timeout=30)
-                resp.raise_for_status()
-                self._token = resp.json()["access_token"]
+                self._token = client_credentials(self.token_url, self.client_id, self.client_secret, self.scope)
             return self._token
 
 

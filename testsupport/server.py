@@ -69,10 +69,16 @@ def backend_client(env: dict[str, str], tenant: str = "default", scope: str = "s
     return client
 
 
-def client_credentials_token(root: str, client: dict[str, str], tenant: str = "default", scope: str = "system/*.cruds") -> str:
-    """An access token for ``client`` from the tenant's token endpoint (client_secret_basic)."""
-    resp = requests.post(f"{root}/auth/{tenant}/token", data={"grant_type": "client_credentials", "scope": scope},
-                         auth=(client["client_id"], client["client_secret"]), timeout=30)
+def client_credentials(token_url: str, client_id: str, client_secret: str, scope: str,
+                       headers: dict[str, str] | None = None) -> str:
+    """An access token from a token endpoint: the client_credentials grant with client_secret_basic."""
+    resp = requests.post(token_url, data={"grant_type": "client_credentials", "scope": scope},
+                         auth=(client_id, client_secret), headers=headers, timeout=30)
     resp.raise_for_status()
     token: str = resp.json()["access_token"]
     return token
+
+
+def client_credentials_token(root: str, client: dict[str, str], tenant: str = "default", scope: str = "system/*.cruds") -> str:
+    """An access token for ``client`` (as ``backend_client`` prints it) from this server's token endpoint."""
+    return client_credentials(f"{root}/auth/{tenant}/token", client["client_id"], client["client_secret"], scope)
