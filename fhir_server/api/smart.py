@@ -16,6 +16,7 @@ session's CSRF token. Each request runs in one database transaction of the tenan
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -178,9 +179,23 @@ def style(tenant: str) -> Response:
 
 @bp.post("/auth/<tenant>/token")
 def token(tenant: str) -> Response:
-    with _oauth(tenant):
+    with _oauth(tenant) as scope:
         response: Response = SERVER.create_token_response()
+        _purge_now_and_then(scope)
     return response
+
+
+PURGE_SECONDS = 600
+_last_purge: dict[str, float] = {}  # tenant -> when this worker last purged its expired records
+
+
+def _purge_now_and_then(scope: oauth.OAuthScope) -> None:
+    """Every PURGE_SECONDS per worker and tenant, a token request also drops the tenant's expired codes,
+    tokens, assertion ids, launches and idle sessions, inside the token request's transaction."""
+    now = time.monotonic()
+    if now - _last_purge.get(scope.tenant, -PURGE_SECONDS) >= PURGE_SECONDS:
+        _last_purge[scope.tenant] = now
+        scope.store.purge_expired(session_idle_s=_settings().auth_session_idle_seconds)
 
 
 @bp.post("/auth/<tenant>/introspect")

@@ -542,3 +542,29 @@ def test_a_related_person_acts_for_their_patient_only(raw: FlaskClient, client: 
     bearer = {"Authorization": f"Bearer {token['access_token']}"}  # type: ignore[index]
     assert client.get(f"/fhir/{t}/Observation/o-kid", headers=bearer).status_code == 200
     assert client.get(f"/fhir/{t}/Observation/o-other", headers=bearer).status_code == 403  # user/*.rs, but not theirs
+
+
+def test_expired_records_are_purged(raw: FlaskClient, storage: Storage, tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fhir_server.api import smart
+
+    day = 86400 * SECOND
+    with _store(storage, tenant) as repo:
+        store = AuthStore(repo)
+        store.save_token("old", kind="access", grant_id="g", client_id="c", username=None, scope="", context={}, lifetime_s=-2 * 86400)
+        store.save_token("live", kind="access", grant_id="g", client_id="c", username=None, scope="", context={}, lifetime_s=60)
+        store.save_code("old-code", grant_id="g", client_id="c", username="u", redirect_uri="", scope="", context={},
+                        code_challenge="x", lifetime_s=-7200)
+        store.remember_jti("c", "old-jti", now_us() - day)
+        old_launch = store.create_launch({"patient": "p"}, created_by="t", lifetime_s=-1)
+        old_session, _ = store.create_session()
+        repo.conn.execute(update(schema.oauth_sessions).where(schema.oauth_sessions.c.tenant_id == repo.tenant.id)
+                          .values(last_seen=now_us() - day))
+        live_session, _ = store.create_session()
+    monkeypatch.setattr(smart, "_last_purge", {})
+    raw.post(f"/auth/{tenant}/token", data={"grant_type": "client_credentials"})  # any token request may purge
+    with _store(storage, tenant) as repo:
+        store = AuthStore(repo)
+        assert store.token("old") is None and store.token("live") is not None
+        assert store.code("old-code") is None and store.take_launch(old_launch) is None
+        assert store.remember_jti("c", "old-jti", now_us() + day)  # forgotten, so new again
+        assert store.session(old_session, idle_s=10 * 86400) is None and store.session(live_session, idle_s=60) is not None

@@ -343,9 +343,11 @@ class AuthStore:
     def end_session(self, sid: str) -> None:
         self.conn.execute(delete(S).where(S.c.tenant_id == self.tid, S.c.session_hash == digest(sid)))
 
-    def purge_expired(self) -> None:
-        """Drop what can no longer be used (codes, assertion ids, and tokens a day after they expired)."""
+    def purge_expired(self, *, session_idle_s: int) -> None:
+        """Drop what can no longer be used: codes an hour and tokens a day after they expired (kept that long for
+        reuse detection), assertion ids and launches once expired, login sessions idle longer than allowed."""
         now = now_us()
+        self.conn.execute(delete(S).where(S.c.tenant_id == self.tid, S.c.last_seen < now - session_idle_s * SECOND))
         self.conn.execute(delete(CODES).where(CODES.c.tenant_id == self.tid, CODES.c.expires_at < now - 3600 * SECOND))
         self.conn.execute(delete(J).where(J.c.tenant_id == self.tid, J.c.expires_at < now))
         self.conn.execute(delete(T).where(T.c.tenant_id == self.tid, T.c.expires_at < now - 86400 * SECOND))
