@@ -340,7 +340,8 @@ class Compiler:
         out.conditions.append(self._r.c.res_id.in_(self._sub(Q, rtype, [Q.c.param_key == p.key, or_(*conds)])))
 
     def _quantity_value(self, table: Any, rtype: str, unit_key: str, value: str, raw_name: str) -> Any:
-        """[prefix]number[|system|code] against the quantity columns of ``table`` (idx_quantity, idx_composite)."""
+        """[prefix]number[|system|code] against the quantity columns of ``table`` (idx_quantity, idx_composite).
+        Units are blinded as storage/indexing.py's _add_unit_hashes blinds them (key ``code:unit``, "sc\\0"/"c\\0")."""
         prefix, rest = split_prefix(value)
         parts = split_unescaped(rest, "|")
         number = parts[0]
