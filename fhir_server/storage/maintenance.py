@@ -74,7 +74,7 @@ def purge_tenant(storage: Storage, tenant_id: int, *, batch_size: int = 2000, pr
             with storage.db.transaction(write=True) as conn:
                 tenants.bind_tenant(conn, tenant_id)
                 # Batch by resource where the table has one (index rows), else by primary key.
-                cols = [t.c.res_type, t.c.res_id] if "res_id" in t.c else list(t.primary_key.columns)
+                cols = [t.c.res_type, t.c.res_id] if "res_type" in t.c and "res_id" in t.c else list(t.primary_key.columns)
                 keys = conn.execute(select(*cols).where(t.c.tenant_id == tenant_id).distinct().limit(batch_size)).all()
                 n = 0
                 if keys:

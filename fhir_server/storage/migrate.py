@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from fhir_server.security.keys import KeyProvider
 from fhir_server.settings import Settings
-from fhir_server.storage import tenants
+from fhir_server.storage import pgddl, schema, tenants
 from fhir_server.storage.database import Database, normalise_url
 
 
@@ -66,9 +66,13 @@ def upgrade(settings: Settings, provider: KeyProvider) -> list[str]:
             _grant(owner, app_user)
             done.append(f"granted data access to role {app_user}")
         with owner.transaction(write=True) as conn:
-            for tenant in tenants.list_tenants(conn):
+            existing = tenants.list_tenants(conn)
+            for tenant in existing:
                 if tenant.status == "active" and tenants.ensure_keys(conn, tenant, provider):
                     done.append(f"created keys for tenant {tenant.name}")
+            if settings.audit_server_tenant not in {t.name for t in existing}:
+                tenants.create(conn, settings.audit_server_tenant, provider)
+                done.append(f"created tenant {settings.audit_server_tenant} for the server's own audit log")
     finally:
         owner.dispose()
     return done
@@ -80,6 +84,11 @@ def _grant(owner: Database, role: str) -> None:
         conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {quoted}"))
         conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted}"))
         conn.execute(text(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {quoted}"))
+        # The audit chain and its checkpoints are append-only for the server: it reads and inserts, never
+        # rewrites (the owner's maintenance commands, such as deleting a tenant, still can).
+        for table in schema.APPEND_ONLY_TABLES:
+            for name in [table, *pgddl.partition_names(table)]:
+                conn.execute(text(f"REVOKE UPDATE, DELETE, TRUNCATE ON {name} FROM {quoted}"))
 
 
 def is_current(conn: Connection) -> bool:

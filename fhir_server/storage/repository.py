@@ -82,6 +82,7 @@ class HistoryQuery:
     after: HistoryKey | None = None  # the page after this entry (descending order)
     before: HistoryKey | None = None  # the page before this entry
     limit: int = 20
+    exclude_types: tuple[str, ...] = ()  # left out of a system-level history (the audit log, for most callers)
 
 
 BodyBuilder = Callable[[int, int], bytes]  # (version, last_updated) -> resource JSON
@@ -136,6 +137,8 @@ class ResourceRepository:
         self.sealer = sealer
         self._tid = tenant.id
         self._postgres = conn.dialect.name == "postgresql"
+        # AuditEvents (JSON objects) to append in this unit of work before it commits (the audit trail's).
+        self.pending_audit: list[dict[str, Any]] = []
 
     # --- reads -------------------------------------------------------------------------
 
@@ -351,6 +354,8 @@ class ResourceRepository:
             stmt = stmt.where(V.c.res_type == q.res_type)
         if q.res_id is not None:
             stmt = stmt.where(V.c.res_id == q.res_id)
+        if q.exclude_types:
+            stmt = stmt.where(V.c.res_type.not_in(q.exclude_types))
         if q.since is not None:
             stmt = stmt.where(V.c.last_updated >= q.since)
         if q.until is not None:

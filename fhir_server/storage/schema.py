@@ -354,10 +354,81 @@ oauth_keys = Table(  # the server's signing keys (id_token), per tenant
     PrimaryKeyConstraint("tenant_id", "kid", name="pk_oauth_keys"),
 )
 
+# --- the audit log (security/audit_chain.py, storage/audit_log.py) -------------------------------------------
+# AuditEvents are resources of their tenant (resources, resource_versions, index rows: readable and
+# searchable like any other); these tables chain them. A record is written to audit_pending in the
+# transaction of the interaction it records (or, for reads, by a group commit before the response leaves);
+# the chainer moves it to audit_log, giving it the next sequence number, the previous record's hash and its
+# own, in one tenant-wide order. The application role may only read and append audit_log and
+# audit_checkpoints (on PostgreSQL; the migration revokes UPDATE and DELETE). No PHI: ids, times, hashes.
+
+audit_pending = Table(
+    "audit_pending",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_id", String(64), nullable=False),  # the AuditEvent's id
+    Column("recorded", BigInteger, nullable=False),  # its lastUpdated (microseconds)
+    Column("digest", LargeBinary(32), nullable=False),  # HMAC of its stored bytes under the tenant's chain key
+    PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_pending"),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),  # 1, 2, 3, ... without gaps
+    Column("res_id", String(64), nullable=False),
+    Column("recorded", BigInteger, nullable=False),
+    Column("digest", LargeBinary(32), nullable=False),
+    Column("prev_hash", LargeBinary(32), nullable=False),  # the hash of record seq - 1 (zeros for the first)
+    Column("hash", LargeBinary(32), nullable=False),  # HMAC over (tenant, seq, prev_hash, digest, res_id, recorded)
+    PrimaryKeyConstraint("tenant_id", "seq", name="pk_audit_log"),
+    Index("ix_audit_log_res", "tenant_id", "res_id", unique=True),
+    Index("ix_audit_log_recorded", "tenant_id", "recorded"),
+)
+
+audit_heads = Table(  # the end of each tenant's chain; its row lock serialises the chainers
+    "audit_heads",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", LargeBinary(32), nullable=False),
+    Column("checkpoint_seq", BigInteger, nullable=False),
+    Column("checkpoint_at", BigInteger, nullable=False),
+    PrimaryKeyConstraint("tenant_id", name="pk_audit_heads"),
+)
+
+audit_checkpoints = Table(  # (seq, hash) signed with the tenant's Ed25519 audit key (tenant_keys purpose "audit")
+    "audit_checkpoints",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("hash", LargeBinary(32), nullable=False),
+    Column("signed_at", BigInteger, nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("signature", LargeBinary(64), nullable=False),
+    PrimaryKeyConstraint("tenant_id", "seq", name="pk_audit_checkpoints"),
+)
+
+audit_alert_marks = Table(  # what the monitoring rules count: blind-indexed subjects and items in fixed windows
+    "audit_alert_marks",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("rule", String(32), nullable=False),
+    Column("subject", LargeBinary(16), nullable=False),  # e.g. a user or an address, blind-indexed
+    Column("window_start", BigInteger, nullable=False),
+    Column("item", LargeBinary(16), nullable=False),  # e.g. a patient, or an event; b"" marks "alert raised"
+    PrimaryKeyConstraint("tenant_id", "rule", "subject", "window_start", "item", name="pk_audit_alert_marks"),
+)
+
+AUDIT_TABLES = ("audit_pending", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
+APPEND_ONLY_TABLES = ("audit_log", "audit_checkpoints")  # the application role may not update or delete their rows
+
 OAUTH_TABLES = ("oauth_clients", "oauth_users", "oauth_codes", "oauth_tokens", "oauth_launches", "oauth_jtis",
                 "oauth_sessions", "oauth_keys")
 
 INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_reference", "idx_composite")
 
 # Tables whose rows belong to one tenant: partitioned and row-level secured on PostgreSQL.
-TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES, "search_param_state", *OAUTH_TABLES)
+TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES, "search_param_state", *OAUTH_TABLES,
+                 *AUDIT_TABLES)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -12,12 +12,21 @@ from fhir_server.security.crypto import Cipher, Sealer
 from fhir_server.security.keys import KeyProvider
 from fhir_server.settings import Settings
 from fhir_server.storage import tenants
+from fhir_server.storage.audit_log import AuditLog, ChainPolicy
 from fhir_server.storage.database import Database
 from fhir_server.storage.repository import ResourceRepository
 
 
 # A read unit of work shared by everything one request reads (see Storage.shared_reads).
 _shared_read: ContextVar[ResourceRepository | None] = ContextVar("fhir_shared_read", default=None)
+# The write unit of work open in this thread or context, if any (see Storage.open_write).
+_open_write: ContextVar[ResourceRepository | None] = ContextVar("fhir_open_write", default=None)
+# What to do once the shared read unit of work has given its connection back (see Storage.after_shared_reads).
+_after_shared: ContextVar[list[Callable[[], None]] | None] = ContextVar("fhir_after_shared_reads", default=None)
+
+# Called as a write unit of work is about to commit, inside its transaction (the audit trail appends the
+# records of what it did); returns what to call once it has committed, if anything.
+BeforeCommit = Callable[[ResourceRepository], "Callable[[], None] | None"]
 
 
 class Storage:
@@ -28,9 +37,12 @@ class Storage:
         self.provider = provider
         self.cipher = cipher
         self.keyring = tenants.KeyRing(db, provider, settings.key_cache_seconds)
+        self.before_commit: BeforeCommit | None = None
+        self.audit_log = AuditLog(self, ChainPolicy(settings.audit_checkpoint_records, settings.audit_checkpoint_seconds))
 
     @contextmanager
-    def session(self, tenant_name: str, *, write: bool, exclusive: bool = False) -> Iterator[ResourceRepository]:
+    def session(self, tenant_name: str, *, write: bool, exclusive: bool = False,
+                audited: bool = True) -> Iterator[ResourceRepository]:
         """A repository for ``tenant_name``: committed when the block ends, rolled back if it raises.
 
         ``exclusive`` locks the tenant row for update (a write that changes the tenant's search
@@ -39,27 +51,71 @@ class Storage:
 
         Inside ``shared_reads`` a read session of the same tenant is the shared one (no new connection,
         no second tenant lookup).
+
+        A write unit of work ends, before it commits, with ``before_commit`` (the audit trail's records of
+        what was done go into the same transaction), unless ``audited`` is False (the audit trail's own
+        writes, and maintenance that records itself).
         """
         shared = _shared_read.get()
         if shared is not None and not write and shared.tenant.name == tenant_name:
             yield shared
             return
+        after: Callable[[], None] | None = None
         with self.db.transaction(write=write, binds_tenant_first=True) as conn:
             conn.info["fhir_lock_tenant"] = "update" if exclusive else None
             tenant = tenants.lookup(conn, tenant_name)
             keys = self.keyring.keys_for(conn, tenant)
-            yield ResourceRepository(conn, tenant, Sealer(self.cipher, keys))
+            repo = ResourceRepository(conn, tenant, Sealer(self.cipher, keys))
+            if not write:
+                yield repo
+                return
+            token = _open_write.set(repo)
+            try:
+                yield repo
+                if audited and self.before_commit is not None:
+                    after = self.before_commit(repo)
+                elif repo.pending_audit:
+                    raise RuntimeError("audit records queued on a unit of work that has no audit trail to write them")
+            finally:
+                _open_write.reset(token)
+        if after is not None:
+            after()
+
+    @staticmethod
+    def open_write(tenant_name: str) -> ResourceRepository | None:
+        """The write unit of work of ``tenant_name`` open in this thread or context, if any (what is read inside
+        it is audited in its transaction: a second writer would wait for it on SQLite)."""
+        repo = _open_write.get()
+        return repo if repo is not None and repo.tenant.name == tenant_name else None
 
     @contextmanager
     def shared_reads(self, tenant_name: str) -> Iterator[ResourceRepository]:
         """One read session for a whole read-only request (its bearer token check and the interaction):
         the read sessions opened inside the block, in this thread or context, are this one."""
-        with self.session(tenant_name, write=False) as repo:
-            token = _shared_read.set(repo)
-            try:
-                yield repo
-            finally:
-                _shared_read.reset(token)
+        callbacks: list[Callable[[], None]] = []
+        try:
+            with self.session(tenant_name, write=False) as repo:
+                token, later = _shared_read.set(repo), _after_shared.set(callbacks)
+                try:
+                    yield repo
+                finally:
+                    _shared_read.reset(token)
+                    _after_shared.reset(later)
+        finally:
+            for callback in callbacks:  # the connection is back in the pool: writing now cannot starve it
+                callback()
+
+    @staticmethod
+    def after_shared_reads(tenant_name: str, callback: Callable[[], None]) -> bool:
+        """Inside ``shared_reads`` of ``tenant_name``: call ``callback`` when it ends (whether or not its block
+        raised), after its connection is released, and return True; outside it, False. A read's audit record is
+        committed then, on a connection of its own, so that a thread never holds one connection while it waits for
+        a second (with more threads than the pool has connections, that would deadlock)."""
+        callbacks, shared = _after_shared.get(), _shared_read.get()
+        if callbacks is None or shared is None or shared.tenant.name != tenant_name:
+            return False
+        callbacks.append(callback)
+        return True
 
     def ping(self) -> None:
         with self.db.transaction(write=False) as conn:

@@ -25,8 +25,10 @@ from fhir_server.storage.database import TENANT_SETTING, Database
 TENANT_NAME = re.compile(r"[a-z0-9-]{1,63}")
 DATA = "data"
 INDEX = "index"
+AUDIT = "audit"  # the Ed25519 seed that signs the audit log's checkpoints
 # Tenant tables in the order a purge empties them (keys last: they were shredded already).
-PURGE_ORDER = (*schema.INDEX_TABLES, "search_param_state", "resource_versions", "resources", "reindex_jobs", "tenant_keys")
+PURGE_ORDER = (*schema.INDEX_TABLES, "search_param_state", "resource_versions", "resources", "reindex_jobs",
+               *schema.OAUTH_TABLES, *schema.AUDIT_TABLES, "tenant_keys")
 
 
 class TenantNotFound(Exception):
@@ -177,6 +179,21 @@ def rewrap_keys(conn: Connection, tenant: Tenant, old: KeyProvider, new: KeyProv
     return len(rows)
 
 
+def audit_signing_keys(conn: Connection, tenant_id: int, provider: KeyProvider, *, create: bool) -> dict[int, bytes]:
+    """The tenant's audit signing keys (32-byte Ed25519 seeds) by version; with ``create``, the first one is made
+    when there is none (inside the caller's transaction, which holds the tenant's audit head lock)."""
+    bind_tenant(conn, tenant_id)
+    k = schema.tenant_keys
+    rows = conn.execute(
+        select(k.c.version, k.c.master_key_id, k.c.wrapped_key).where(k.c.tenant_id == tenant_id, k.c.purpose == AUDIT)
+    ).all()
+    if not rows and create:
+        _insert_key(conn, tenant_id, AUDIT, 1, provider)
+        return audit_signing_keys(conn, tenant_id, provider, create=False)
+    return {r.version: provider.unwrap(r.master_key_id, r.wrapped_key, crypto.key_wrap_context(tenant_id, AUDIT, r.version))
+            for r in rows}
+
+
 def shred_keys(conn: Connection, tenant: Tenant) -> None:
     """Crypto-shred: mark the tenant deleted and destroy its keys; its rows can never be opened again."""
     bind_tenant(conn, tenant.id)
@@ -220,6 +237,10 @@ class KeyRing:
     def forget(self, tenant_id: int) -> None:
         with self._lock:
             self._cache.pop(tenant_id, None)
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     def _load(self, conn: Connection, tenant: Tenant, *, fresh_connection: bool = False) -> crypto.TenantKeys | None:
         if fresh_connection:

@@ -12,7 +12,7 @@ from fhir_server.clock import now_us
 from fhir_server.errors import NotFound, PreconditionFailed
 from fhir_server.security.oauth.server import signing_key
 from fhir_server.security.oauth.store import AuthStore
-from fhir_server.storage import schema, tenants
+from fhir_server.storage import audit_log, schema, tenants
 from fhir_server.storage.store import Storage
 
 from testsupport.engine_calls import call, patient
@@ -74,6 +74,11 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
         store.remember_jti(client_id, "jti", now_us() + 60_000_000)
         store.create_session()
         signing_key(store)
+    storage.audit_log.chain(a, checkpoint=True)  # the audit log of those writes: chained, with a signed checkpoint
+    with storage.session(a, write=True, audited=False) as repo:  # and a record waiting for the chain, an alert mark
+        audit_log.add_pending(repo.conn, repo.tenant.id, [("waiting", now_us(), bytes(32))])
+        repo.conn.execute(schema.audit_alert_marks.insert().values(tenant_id=repo.tenant.id, rule="r", subject=b"s",
+                                                                   window_start=0, item=b"i"))
     with storage.db.transaction(write=False) as conn:
         tid_a = tenants.lookup(conn, a).id
     for table in schema.TENANT_TABLES:

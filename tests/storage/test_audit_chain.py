@@ -1,0 +1,216 @@
+"""The audit log is tamper-evident: every change to the stored log is found by verification, on both back-ends.
+
+The tampering is done as the database's administrator (past row-level security and the application role's
+missing UPDATE and DELETE rights on the chain), as an insider with database access would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine as SqlEngine
+from sqlalchemy import create_engine, delete, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+from fhir_server.clock import now_us
+from fhir_server.engine.engine import Engine
+from fhir_server.storage import audit_log, schema, tenants
+from fhir_server.storage.store import Storage
+from testsupport.backends import DatabaseUrls
+from testsupport.cli import admin_or_owner
+from testsupport.engine_calls import call, patient
+
+L = schema.audit_log
+V = schema.resource_versions
+R = schema.resources
+H = schema.audit_heads
+C = schema.audit_checkpoints
+
+
+@pytest.fixture
+def admin(db_urls: DatabaseUrls) -> Iterator[SqlEngine]:
+    engine = create_engine(admin_or_owner(db_urls), poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+def make_log(engine: Engine, tenant: str, n: int = 6) -> list[str]:
+    """``n`` interactions, chained with a checkpoint at the end; the AuditEvent ids in chain order."""
+    for i in range(n):
+        call(engine, tenant, "PUT", f"Patient/p{i}", patient(f"p{i}"))
+    engine.storage.audit_log.chain(tenant, checkpoint=True)
+    report = engine.storage.audit_log.verify(tenant)
+    assert report.ok and report.records == n and report.checkpoints >= 1, report
+    with engine.storage.session(tenant, write=False) as repo:
+        return [r.res_id for r in repo.conn.execute(select(L.c.res_id).where(L.c.tenant_id == repo.tenant.id).order_by(L.c.seq))]
+
+
+def tid_of(storage: Storage, tenant: str) -> int:
+    with storage.db.transaction(write=False) as conn:
+        return tenants.lookup(conn, tenant).id
+
+
+def finding(storage: Storage, tenant: str) -> Any:
+    report = storage.audit_log.verify(tenant)
+    assert not report.ok, "the tampering went unnoticed"
+    return report.findings[0]
+
+
+def test_an_untouched_log_verifies(engine: Engine, tenant: str) -> None:
+    ids = make_log(engine, tenant)
+    call(engine, tenant, "GET", "Patient/p1")  # a read is recorded too
+    engine.storage.audit_log.chain(tenant)
+    report = engine.storage.audit_log.verify(tenant)
+    assert report.ok and report.records == len(ids) + 1 and report.pending == 0
+
+
+def test_a_changed_byte_of_a_stored_record_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        body = conn.execute(select(V.c.body).where(V.c.tenant_id == tid, V.c.res_type == "AuditEvent", V.c.res_id == ids[2])).scalar_one()
+        flipped = bytes(body[:40]) + bytes([body[40] ^ 1]) + bytes(body[41:])
+        conn.execute(update(V).where(V.c.tenant_id == tid, V.c.res_type == "AuditEvent", V.c.res_id == ids[2]).values(body=flipped))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.seq, found.res_id) == ("changed", 3, ids[2])
+
+
+def test_a_changed_chain_entry_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        conn.execute(update(L).where(L.c.tenant_id == tid, L.c.seq == 4).values(recorded=L.c.recorded + 1))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.seq, found.res_id) == ("changed", 4, ids[3])
+
+
+def test_a_deleted_row_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        conn.execute(delete(L).where(L.c.tenant_id == tid, L.c.seq == 3))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.seq) == ("removed", 3)
+    assert "#3 removed" in found.message
+
+
+def test_a_deleted_record_resource_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        for table in (V, R):
+            conn.execute(delete(table).where(table.c.tenant_id == tid, table.c.res_type == "AuditEvent", table.c.res_id == ids[1]))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.seq, found.res_id) == ("removed", 2, ids[1])
+
+
+def test_two_swapped_rows_are_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    cols = (L.c.res_id, L.c.recorded, L.c.digest, L.c.prev_hash, L.c.hash)
+    with admin.begin() as conn:
+        two = {r.seq: r for r in conn.execute(select(L.c.seq, *cols).where(L.c.tenant_id == tid, L.c.seq.in_((2, 3))))}
+        conn.execute(delete(L).where(L.c.tenant_id == tid, L.c.seq.in_((2, 3))))
+        for seq, other in ((2, 3), (3, 2)):
+            row = two[other]
+            conn.execute(insert(L).values(tenant_id=tid, seq=seq, res_id=row.res_id, recorded=row.recorded, digest=row.digest,
+                                          prev_hash=row.prev_hash, hash=row.hash))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.seq, found.res_id) == ("reordered", 2, ids[2])
+    assert "chained as #3" in found.message
+
+
+def test_a_dropped_tail_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    make_log(engine, tenant)
+    call(engine, tenant, "GET", "Patient/p0")  # two records after the last checkpoint
+    call(engine, tenant, "GET", "Patient/p1")
+    engine.storage.audit_log.chain(tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        conn.execute(delete(L).where(L.c.tenant_id == tid, L.c.seq > 6))
+    found = finding(engine.storage, tenant)
+    assert found.kind == "truncated" and "ends at #6" in found.message and "head says #8" in found.message
+
+
+def test_a_dropped_tail_with_a_rewound_head_is_caught_by_the_checkpoint(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        row4 = conn.execute(select(L.c.hash).where(L.c.tenant_id == tid, L.c.seq == 4)).scalar_one()
+        conn.execute(delete(L).where(L.c.tenant_id == tid, L.c.seq > 4))
+        conn.execute(update(H).where(H.c.tenant_id == tid).values(seq=4, hash=row4))  # a consistent-looking head
+    found = finding(engine.storage, tenant)
+    assert found.kind == "truncated" and "checkpoint was signed at #6" in found.message
+
+
+def test_a_forged_checkpoint_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        conn.execute(update(C).where(C.c.tenant_id == tid).values(signed_at=C.c.signed_at + 1))
+    assert finding(engine.storage, tenant).kind == "checkpoint"
+
+
+def test_an_inserted_record_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:  # a copy of a stored AuditEvent under a new id, outside the chain
+        for table in (R, V):
+            row = conn.execute(select(table).where(table.c.tenant_id == tid, table.c.res_type == "AuditEvent",
+                                                   table.c.res_id == ids[0])).one()._asdict()
+            conn.execute(insert(table).values({**row, "res_id": "forged"}))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.res_id) == ("inserted", "forged")
+
+
+def test_a_record_never_chained_is_reported_after_the_grace_period(engine: Engine, tenant: str) -> None:
+    make_log(engine, tenant)
+    with engine.storage.session(tenant, write=True, audited=False) as repo:
+        audit_log.add_pending(repo.conn, repo.tenant.id, [("stuck", now_us() - 3600 * 1_000_000, bytes(32))])
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.res_id) == ("unchained", "stuck")
+    assert engine.storage.audit_log.verify(tenant, grace_seconds=7200).ok  # still within a longer grace
+
+
+def test_the_server_cannot_rewrite_its_own_log(engine: Engine, tenant: str, backend: str) -> None:
+    """On PostgreSQL the application role may read and append the chain, not update or delete it."""
+    if backend != "postgresql":
+        pytest.skip("roles and grants are PostgreSQL's")
+    make_log(engine, tenant, n=2)
+    for statement in ("UPDATE audit_log SET recorded = recorded + 1", "DELETE FROM audit_log",
+                      "DELETE FROM audit_checkpoints"):
+        with pytest.raises(DBAPIError, match="permission denied"):
+            with engine.storage.session(tenant, write=True, audited=False) as repo:
+                repo.conn.execute(text(statement))
+
+
+def test_chaining_is_serial_across_writers(engine: Engine, tenant: str) -> None:
+    """Many records chained by several chainers at once still make one gapless chain."""
+    import threading
+
+    for i in range(40):
+        call(engine, tenant, "PUT", f"Basic/b{i}", {"resourceType": "Basic", "id": f"b{i}", "code": {"text": "x"}})
+    errors: list[BaseException] = []
+
+    def chain() -> None:
+        try:
+            engine.storage.audit_log.chain(tenant)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=chain) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    report = engine.storage.audit_log.verify(tenant)
+    assert report.ok and report.records == 40 and report.pending == 0
+    with engine.storage.session(tenant, write=False) as repo:
+        seqs = [r for (r,) in repo.conn.execute(select(L.c.seq).where(L.c.tenant_id == repo.tenant.id).order_by(L.c.seq))]
+        assert seqs == list(range(1, 41))
+        assert repo.conn.execute(select(func.count()).select_from(R).where(
+            R.c.tenant_id == repo.tenant.id, R.c.res_type == "AuditEvent")).scalar_one() == 40
