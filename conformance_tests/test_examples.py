@@ -49,6 +49,10 @@ def test_example_round_trips(fhir: FhirClient, path: Path) -> None:
     sent = json.loads(raw, parse_float=Decimal)
     url = f"{sent['resourceType']}/{sent['id']}"
     put = fhir.request("PUT", url, data=raw)
+    if sent["resourceType"] == "AuditEvent" and put.status_code == 405:
+        # A server may keep its audit log append-only and its own (ours does): the refusal must say so.
+        assert parse(put)["resourceType"] == "OperationOutcome"
+        return
     assert put.status_code in (200, 201), put.text[:1000]
     got = fhir.get(url)
     assert got.status_code == 200, got.text[:500]

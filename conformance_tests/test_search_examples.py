@@ -217,6 +217,8 @@ def stored(fhir: FhirClient) -> dict[tuple[str, str], dict[str, Any]]:
         body = json.loads(raw, parse_float=Decimal)
         url = f"{body['resourceType']}/{body['id']}"
         r = fhir.request("PUT", url, data=raw)
+        if body["resourceType"] == "AuditEvent" and r.status_code == 405:
+            continue  # an append-only audit log (test_audit.py searches the server's own AuditEvents instead)
         assert r.status_code in (200, 201), r.text[:300]
         out[(body["resourceType"], body["id"])] = parse(fhir.get(url))
     return out

@@ -19,6 +19,7 @@ from fhir_server.capability.registry import load_registry
 from fhir_server.engine.engine import Engine
 from fhir_server.engine.reindex import JobRunner
 from fhir_server.errors import FhirError, Issue, operation_outcome
+from fhir_server.security import audit_events
 from fhir_server.security.crypto import cipher_named
 from fhir_server.security.keys import provider_from_settings
 from fhir_server.settings import Settings, SettingsError
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     access_log.disabled = not settings.access_log
     if settings.production and settings.cipher == "null":
         raise SettingsError("FHIR_CIPHER=null (no encryption) is refused in production")
+    if settings.production and not settings.audit:
+        raise SettingsError("FHIR_AUDIT=false (no audit log) is refused in production")
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -101,6 +104,7 @@ def _start_request() -> None:
     g.request_id = rid
     g.started = time.perf_counter()
     logs.request_id.set(rid)
+    audit_events.set_origin(audit_events.Origin(request.remote_addr, rid))
 
 
 OPEN_OVER_HTTP = ("/healthz", "/readyz")  # load balancers' health checks

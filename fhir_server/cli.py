@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from fhir_server import cli_audit
 from fhir_server.settings import Settings, SettingsError
 
 
@@ -31,6 +32,15 @@ def _storage(settings: Settings, *, migration_role: bool = False) -> Any:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
     return Storage(Database(url, settings, pooled=False), provider, cipher_named(settings.cipher), settings)
+
+
+def _engine(settings: Settings | None = None, *, migration_role: bool = False) -> Any:
+    """An engine over a storage of the command line's own: it writes the audit records of what the command does."""
+    from fhir_server.capability.registry import load_registry
+    from fhir_server.engine.engine import Engine
+
+    settings = settings or _settings()
+    return Engine(load_registry(), _storage(settings, migration_role=migration_role), settings)
 
 
 @click.group()
@@ -136,12 +146,15 @@ def tenants_create(name: str) -> None:
     """Add a tenant (served at /fhir/NAME)."""
     from fhir_server.storage import tenants as tenant_store
 
-    storage = _storage(_settings(), migration_role=True)
+    engine = _engine(migration_role=True)
+    storage = engine.storage
     try:
         with storage.db.transaction(write=True) as conn:
             tenant = tenant_store.create(conn, name, storage.provider)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    cli_audit.record(engine, name, cli_audit.admin_event(name, "tenant-created", "Tenant created", f"tenant {name} created"))
+    cli_audit.record_server_wide(engine, "tenant-created", "Tenant created", f"tenant {name} (id {tenant.id}) created")
     click.echo(f"created tenant {tenant.name} (id {tenant.id})")
 
 
@@ -165,15 +178,21 @@ def tenants_delete(name: str, crypto_shred: bool, yes: bool) -> None:
     from fhir_server.storage import maintenance
     from fhir_server.storage import tenants as tenant_store
 
+    settings = _settings()
+    if name == settings.audit_server_tenant:
+        raise click.ClickException(f"{name} holds the server's own audit log; it cannot be deleted")
     if not yes:
         click.confirm(f"Destroy tenant {name!r} and all its data? This cannot be undone", abort=True)
-    storage = _storage(_settings(), migration_role=True)
+    engine = _engine(settings, migration_role=True)
+    storage = engine.storage
     with storage.db.transaction(write=True) as conn:
         found = [t for t in tenant_store.list_tenants(conn) if t.name == name]
         if not found:
             raise click.ClickException(f"no tenant {name!r}")
         tenant = found[0]
         tenant_store.shred_keys(conn, tenant)
+    cli_audit.record_server_wide(engine, "tenant-deleted", "Tenant deleted (crypto-shredded)",
+                                 f"tenant {name} (id {tenant.id}) deleted: its keys destroyed, its rows to be removed")
     click.echo(f"tenant {name}: keys destroyed; its data can no longer be decrypted")
     with click.progressbar(length=0, label="removing rows", show_pos=True) as bar:
         removed = maintenance.purge_tenant(storage, tenant.id, progress=bar.update)
@@ -246,13 +265,16 @@ def keys_rotate(tenant_name: str) -> None:
     """Add a data-key version for a tenant; new writes use it, older versions stay readable."""
     from fhir_server.storage import tenants as tenant_store
 
-    storage = _storage(_settings(), migration_role=True)
+    engine = _engine(migration_role=True)
+    storage = engine.storage
     try:
         with storage.db.transaction(write=True) as conn:
             tenant = tenant_store.lookup(conn, tenant_name)
             version = tenant_store.rotate_data_key(conn, tenant, storage.provider)
     except tenant_store.TenantNotFound:
         raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "data-key-rotated", "Data key rotated",
+                                                               f"data key version {version} is now used for new writes"))
     click.echo(f"tenant {tenant_name}: data key version {version} is now used for new writes")
 
 
@@ -264,13 +286,16 @@ def keys_reencrypt(tenant_name: str, batch_size: int) -> None:
     from fhir_server.storage import maintenance
     from fhir_server.storage.tenants import TenantNotFound
 
-    storage = _storage(_settings(), migration_role=True)
+    engine = _engine(migration_role=True)
+    storage = engine.storage
     try:
         total = maintenance.count_stale_versions(storage, tenant_name)
         with click.progressbar(length=total, label="re-encrypting", show_pos=True, file=sys.stderr) as bar:
             done = maintenance.reencrypt(storage, tenant_name, batch_size=batch_size, progress=bar.update)
     except TenantNotFound:
         raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "reencrypted", "Stored versions re-encrypted",
+                                                               f"{done} versions re-sealed under the current data key"))
     click.echo(f"tenant {tenant_name}: {done} versions re-encrypted")
 
 
@@ -282,7 +307,8 @@ def keys_rotate_master(new_key_file: Path | None) -> None:
     from fhir_server.storage import tenants as tenant_store
 
     settings = _settings()
-    storage = _storage(settings, migration_role=True)
+    engine = _engine(settings, migration_role=True)
+    storage = engine.storage
     old = storage.provider
     path = key_file_path(settings)
     if new_key_file is not None:
@@ -298,10 +324,18 @@ def keys_rotate_master(new_key_file: Path | None) -> None:
     new = LocalKeyProvider([new_key], source="new master key")
     count = 0
     with storage.db.transaction(write=True) as conn:
+        rewrapped = [t.name for t in tenant_store.list_tenants(conn) if t.status == "active"]
         for tenant in tenant_store.list_tenants(conn):
             count += tenant_store.rewrap_keys(conn, tenant, old, new)
     if path is not None:
         write_key_file(path, [new_key])
+    storage.provider = storage.keyring.provider = new  # the records below are sealed with keys it now unwraps
+    storage.keyring.forget_all()
+    for name in rewrapped:
+        cli_audit.record(engine, name, cli_audit.admin_event(name, "master-key-rotated", "Master key rotated",
+                                                             "the tenant's keys were re-wrapped under a new master key"))
+    cli_audit.record_server_wide(engine, "master-key-rotated", "Master key rotated", f"{count} tenant keys re-wrapped")
+    if path is not None:
         click.echo(f"re-wrapped {count} keys; {path} now holds only the new master key")
     else:
         click.echo(f"re-wrapped {count} keys; set FHIR_MASTER_KEY to the key in {new_key_file} and restart the server")
@@ -324,6 +358,7 @@ def _register_auth_commands() -> None:
 
     cli_auth.register(main)
     tenants.add_command(cli_auth.tenants_require_mfa)
+    main.add_command(cli_audit.audit)
 
 
 _register_auth_commands()

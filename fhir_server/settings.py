@@ -55,6 +55,16 @@ class _SettingsSchema(Schema):
     trusted_proxy = mf.String(load_default=None, allow_none=True)
     tls_cert = mf.String(load_default=None, allow_none=True)
     tls_key = mf.String(load_default=None, allow_none=True)
+    audit = mf.Boolean(load_default=True)
+    audit_sink = mf.String(load_default=None, allow_none=True)
+    audit_checkpoint_records = mf.Integer(load_default=1000, validate=validate.Range(min=1))
+    audit_checkpoint_seconds = mf.Integer(load_default=60, validate=validate.Range(min=1))
+    audit_alert_failed_logins = mf.Integer(load_default=5, validate=validate.Range(min=1))
+    audit_alert_login_window_seconds = mf.Integer(load_default=900, validate=validate.Range(min=1))
+    audit_alert_patients = mf.Integer(load_default=50, validate=validate.Range(min=1))
+    audit_alert_patient_window_seconds = mf.Integer(load_default=3600, validate=validate.Range(min=1))
+    audit_alert_exports = mf.Integer(load_default=1, validate=validate.Range(min=1))
+    audit_server_tenant = mf.String(load_default="server-audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +103,16 @@ class Settings:
     trusted_proxy: str | None = None  # the address of a TLS-terminating proxy whose X-Forwarded-* headers count
     tls_cert: str | None = None  # PEM certificate (chain) to serve HTTPS with
     tls_key: str | None = None  # its PEM private key
+    audit: bool = True  # false only for measuring audit's cost in benchmarks; refused in production
+    audit_sink: str | None = None  # a file that also receives every audit record as a JSON line (for a SIEM)
+    audit_checkpoint_records: int = 1000  # sign a checkpoint of the chain after this many records...
+    audit_checkpoint_seconds: int = 60  # ...or this long after the last one
+    audit_alert_failed_logins: int = 5  # failed logins of one user, or from one address, that raise an alert...
+    audit_alert_login_window_seconds: int = 900  # ...within this window
+    audit_alert_patients: int = 50  # one user reading more patients' records than this raises an alert...
+    audit_alert_patient_window_seconds: int = 3600  # ...within this window (exports are counted in it too)
+    audit_alert_exports: int = 1  # exports by one operator or client in that window that raise an alert
+    audit_server_tenant: str = "server-audit"  # the tenant whose log records server-wide events (tenants deleted)
 
     @property
     def production(self) -> bool:

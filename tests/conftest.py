@@ -80,6 +80,7 @@ def settings(db_urls: DatabaseUrls, tmp_path_factory: pytest.TempPathFactory) ->
 def storage(settings: Settings, db_urls: DatabaseUrls) -> Iterator[Storage]:
     s = make_storage(settings, db_urls.app_url)
     yield s
+    s.audit_log.stop()
     s.db.dispose()
 
 
@@ -87,6 +88,7 @@ def storage(settings: Settings, db_urls: DatabaseUrls) -> Iterator[Storage]:
 def owner_storage(settings: Settings, db_urls: DatabaseUrls) -> Iterator[Storage]:
     s = make_storage(settings, db_urls.owner_url)
     yield s
+    s.audit_log.stop()
     s.db.dispose()
 
 
@@ -118,10 +120,24 @@ def engine(registry: Registry, storage: Storage, settings: Settings) -> Engine:
     return Engine(registry, storage, settings)
 
 
+@pytest.fixture
+def engine_with(engine: Engine, storage: Storage, settings: Settings) -> Iterator[Any]:
+    """A factory of engines with settings of their own over the shared storage (the shared engine's audit trail,
+    which the last engine made writes the storage's audit records, is put back afterwards)."""
+    hook = storage.before_commit
+
+    def make(**overrides: Any) -> Engine:
+        return Engine(engine.registry, storage, settings.with_overrides(**overrides))
+
+    yield make
+    storage.before_commit = hook
+
+
 @pytest.fixture(scope="session")
 def app(settings: Settings) -> Iterator[Flask]:
     application = create_app(settings)
     yield application
+    application.extensions["fhir_storage"].audit_log.stop()
     application.extensions["fhir_storage"].db.dispose()
 
 

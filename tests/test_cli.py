@@ -37,13 +37,24 @@ def test_tenant_lifecycle_and_keys(cli_env: dict[str, str]) -> None:
     assert run(cli_env, "tenants", "create", "Bad_Name", check=False).returncode != 0
     assert name in run(cli_env, "tenants", "list").stdout
     assert "version 2" in run(cli_env, "keys", "rotate", "--tenant", name).stdout
-    assert "0 versions re-encrypted" in run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
+    # The one version under the old key is the tenant's first audit record ("tenant created").
+    assert "1 versions re-encrypted" in run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
     assert "re-wrapped" in run(cli_env, "keys", "rotate-master").stdout
     assert len(Path(cli_env["FHIR_MASTER_KEY_FILE"]).read_text().split()) == 1
+    # Each command left its record, the re-encryption and the new master key left the chain intact.
+    run(cli_env, "audit", "chain", "--tenant", name)
+    assert "the log is intact" in run(cli_env, "audit", "verify", "--tenant", name).stdout
+    exported = run(cli_env, "audit", "export", "--tenant", name).stdout
+    for code in ("tenant-created", "data-key-rotated", "reencrypted", "master-key-rotated"):
+        assert f'"code":"{code}"' in exported, code
     out = run(cli_env, "tenants", "delete", name, "--crypto-shred", "--yes").stdout
     assert "keys destroyed" in out and "rows removed" in out
     assert name not in run(cli_env, "tenants", "list").stdout
     assert run(cli_env, "keys", "rotate", "--tenant", "no-such-tenant", check=False).returncode != 0
+    # The tenant's own log went with it; the server's log keeps its creation and deletion.
+    server_log = run(cli_env, "audit", "export", "--tenant", "server-audit").stdout
+    assert '"code":"tenant-deleted"' in server_log and f"tenant {name} (id" in server_log
+    assert run(cli_env, "tenants", "delete", "server-audit", "--crypto-shred", "--yes", check=False).returncode != 0
 
 
 def test_delete_requires_crypto_shred_flag(cli_env: dict[str, str]) -> None:
@@ -70,6 +81,11 @@ def test_killed_reencrypt_resumes_and_finishes(cli_env: dict[str, str], fresh_db
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     engine = create_engine(admin_or_owner(fresh_db), poolclass=NullPool)
     V = schema.resource_versions
+    with engine.connect() as conn:  # the Basic resources and the audit records of their writes
+        tid = conn.execute(select(schema.tenants.c.id).where(schema.tenants.c.name == name)).scalar_one()
+        stale = conn.execute(select(func.count()).select_from(V).where(
+            V.c.tenant_id == tid, V.c.key_version == 1, V.c.body.is_not(None))).scalar_one()
+    assert stale > 300
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
@@ -81,12 +97,13 @@ def test_killed_reencrypt_resumes_and_finishes(cli_env: dict[str, str], fresh_db
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         with engine.connect() as conn:
-            moved = conn.execute(select(func.count()).select_from(V).where(V.c.key_version == 2)).scalar_one()
-        assert 0 < moved < 300, f"the kill should land mid-way ({moved} of 300 moved)"
+            left = conn.execute(select(func.count()).select_from(V).where(
+                V.c.tenant_id == tid, V.c.key_version == 1, V.c.body.is_not(None))).scalar_one()
+        assert 0 < left < stale, f"the kill should land mid-way ({stale - left} of {stale} moved)"
         out = run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
-        assert f"{300 - moved} versions re-encrypted" in out
+        assert f"{left} versions re-encrypted" in out
         with engine.connect() as conn:
-            assert conn.execute(select(func.count()).select_from(V).where(V.c.key_version == 1)).scalar_one() == 0
+            assert conn.execute(select(func.count()).select_from(V).where(V.c.tenant_id == tid, V.c.key_version == 1)).scalar_one() == 0
     finally:
         engine.dispose()
     for i in range(300):

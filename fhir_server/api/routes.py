@@ -34,6 +34,11 @@ def fhir(tenant: str, rest: str) -> Response:
     segments = tuple(rest.split("/")) if rest else ()
     if segments and segments[-1] == "":
         segments = segments[:-1]
+    with engine.audit.http(request.method, tenant, segments, tuple(request.args.items(multi=True)), _base_url(settings, tenant)):
+        return _fhir(engine, settings, tenant, segments)
+
+
+def _fhir(engine: Engine, settings: Settings, tenant: str, segments: tuple[str, ...]) -> Response:
     if any(s == "" for s in segments):
         raise NotFound("Empty path segment in the URL")
     media_type = negotiation.response_type(request.args.get("_format"), request.headers.get("Accept"))

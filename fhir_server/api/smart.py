@@ -34,6 +34,7 @@ from fhir_server.fhirjson import dumps, loads_stored
 from fhir_server.security import passwords
 from fhir_server.security.access import INTERNAL
 from fhir_server.security.oauth import app_launch, auth_base_for
+from fhir_server.security.oauth import audit as auth_audit
 from fhir_server.security.oauth import server as oauth
 from fhir_server.security.oauth.bearer import access_for
 from fhir_server.security.oauth.store import AuthStore, SessionRecord, UserRecord, new_secret
@@ -181,8 +182,28 @@ def style(tenant: str) -> Response:
 def token(tenant: str) -> Response:
     with _oauth(tenant) as scope:
         response: Response = SERVER.create_token_response()
+        auth_audit.token(scope, request.form.get("grant_type"), response.status_code, _oauth_error(response), _client_hint())
         _purge_now_and_then(scope)
     return response
+
+
+def _client_hint() -> str | None:
+    """The client a token request names (for the record of a refused one): client_id, or the Basic user name."""
+    named = request.form.get("client_id")
+    if named:
+        return named[:64]
+    auth = request.authorization
+    return auth.username[:64] if auth is not None and auth.username else None
+
+
+def _oauth_error(response: Response) -> dict[str, Any] | None:
+    if response.status_code < 400:
+        return None
+    try:
+        body = response.get_json(silent=True)
+    except Exception:  # noqa: BLE001 - whatever the body, the record says only that it failed
+        return None
+    return body if isinstance(body, dict) else None
 
 
 PURGE_SECONDS = 600
@@ -207,8 +228,9 @@ def introspect(tenant: str) -> Response:
 
 @bp.post("/auth/<tenant>/revoke")
 def revoke(tenant: str) -> Response:
-    with _oauth(tenant):
+    with _oauth(tenant) as scope:
         response: Response = SERVER.create_endpoint_response("revocation")
+        auth_audit.revoked(scope, response.status_code, _client_hint())
     return response
 
 
@@ -375,11 +397,12 @@ def login(tenant: str) -> Response:
         username = request.form.get("username", "")[:128]
         password = request.form.get("password", "")
         user = scope.store.user(username)
-        error = _check_password(scope.store, user, username, password)
+        error = _check_password(scope, user, username, password)
         if error:
             return _page("login.html", status=401, tenant=tenant, csrf=session.csrf, client=pending["client"],
                          error=error, username=username)
         assert user is not None
+        auth_audit.login(scope, username, True)
         needs_mfa = user.mfa_required or scope.store.tenant_requires_mfa()
         if not needs_mfa:
             scope.store.login_succeeded(username)  # with a second factor due, failures count on until it passes
@@ -395,16 +418,21 @@ def login(tenant: str) -> Response:
         return _with_cookie(redirect(_next_page(tenant, scope.store, fresh)), tenant, sid)
 
 
-def _check_password(store: AuthStore, user: UserRecord | None, username: str, password: str) -> str | None:
-    """None when the password is right; else what to tell the user (never whether the account exists)."""
+def _check_password(scope: oauth.OAuthScope, user: UserRecord | None, username: str, password: str) -> str | None:
+    """None when the password is right; else what to tell the user (never whether the account exists). Failures
+    are recorded in the audit log."""
     if user is None or not user.active:
         passwords.verify_password(password, passwords.DUMMY_HASH)  # the same time either way
+        auth_audit.login(scope, username, False, "no such active user")
         return "Wrong username or password."
     if user.locked_until > now_us():
         passwords.verify_password(password, passwords.DUMMY_HASH)
+        auth_audit.login(scope, username, False, "the account is locked")
         return "Too many failed attempts: the account is locked for a while."
     if not passwords.verify_password(password, user.password_hash):
-        store.login_failed(username)
+        auth_audit.login(scope, username, False, "wrong password")
+        if scope.store.login_failed(username):
+            auth_audit.locked(scope, username)
         return "Wrong username or password."
     return None
 
@@ -425,11 +453,15 @@ def mfa(tenant: str) -> Response:
         user = scope.store.user(username)
         secret = scope.store.mfa_secret(username)
         if user is None or secret is None or user.locked_until > now_us():
+            auth_audit.second_factor(scope, username, False)
             return _page("mfa.html", status=401, tenant=tenant, csrf=session.csrf, error="The code could not be checked.")
         step = passwords.totp_step(secret, request.form.get("code", ""))
         if step is None or not scope.store.use_mfa_step(username, step):
-            scope.store.login_failed(username)
+            auth_audit.second_factor(scope, username, False)
+            if scope.store.login_failed(username):
+                auth_audit.locked(scope, username)
             return _page("mfa.html", status=401, tenant=tenant, csrf=session.csrf, error="Wrong or already used code.")
+        auth_audit.second_factor(scope, username, True)
         session.stage = "done"
         scope.store.login_succeeded(username)
         scope.store.save_session(sid, session)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fhir_server.engine import compartments, search
 from fhir_server.errors import Forbidden
 from fhir_server.search.query import AllOf, AnyOf, Chain, Clause, Has, InList, SearchQuery
-from fhir_server.security.access import AccessContext
+from fhir_server.security.access import AUDIT_EVENT, AccessContext
 from fhir_server.security.scopes import Grant
 
 if TYPE_CHECKING:
@@ -88,6 +88,15 @@ def reads_own_record(access: AccessContext, rtype: str, rid: str) -> bool:
     """The ``fhirUser`` scope lets the logged-in user read their own FHIR resource (SMART App Launch 2,
     "Scopes for requesting identity data"), whatever the clinical scopes say."""
     return access.fhir_user == f"{rtype}/{rid}" and access.scopes.has("fhirUser")
+
+
+def beyond_wildcards(access: AccessContext, types: tuple[str, ...], permission: str = "r") -> tuple[str, ...]:
+    """``types`` as an interaction over every type sees them (system history, a search without _type, a compartment's
+    ``*``): the audit log only for a caller granted AuditEvent by name (a ``system/AuditEvent`` scope, or an auditor's
+    ``user/`` scope); not for the server's own calls, which ask for AuditEvents when they want them."""
+    if AUDIT_EVENT not in types or (not access.internal and access.grants_for(permission, AUDIT_EVENT)):
+        return types
+    return tuple(t for t in types if t != AUDIT_EVENT)
 
 
 def permitted(access: AccessContext, permission: str, rtype: str) -> bool:

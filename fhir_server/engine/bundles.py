@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl
 from fhir_server.capability.registry import Element, Node
 from fhir_server.capability.validation import validate_resource
 from fhir_server.clock import instant, now_us, parse_http_date
-from fhir_server.engine import authorization, conditional, custom_params
+from fhir_server.engine import auditing, authorization, conditional, custom_params
 from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, RETURN_REPRESENTATION, FhirRequest, FhirResponse
 from fhir_server.engine.resources import check_id, parse_etag, remove, stamp, write_in
 from fhir_server.engine.storage_errors import storage_errors
@@ -287,6 +287,7 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
             current = None
             for e, result in zip(batched, records):
                 e.response = _written(req, result.record, 201 if result.created else 200, e.warnings)
+                auditing.note_record(engine, result.record, e.resource)
             for current in (e for e in writes if e.method != "DELETE" and e.index not in in_batch):
                 job = _execute(engine, repo, req, current)
                 if job is not None:
@@ -315,6 +316,8 @@ def _check(engine: Engine, e: Entry, names: dict[str, int]) -> None:
         raise NotFound(f"{where}: {'/'.join(e.path)[:120]!r} invokes an operation ({operation[:64]}) this server does not "
                        "support in a transaction", code="not-supported")
     rtype = e.rtype
+    if rtype == auditing.AUDIT_EVENT:
+        auditing.refuse_audit_write(e.method)
     if e.method in ("POST", "PUT"):
         if not isinstance(e.resource, dict):
             raise BadRequest(f"{where}: {e.method} needs a resource", expression=f"{where}.resource")

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from fhir_server.engine import authorization
 from fhir_server.engine import search as searching
 from fhir_server.engine.request import FhirRequest, FhirResponse
-from fhir_server.engine.resources import check_id
+from fhir_server.engine import resources as instances  # (module import: resources imports this module too)
 from fhir_server.errors import BadRequest, NotFound
 from fhir_server.search.query import AnyOf, Clause, Criterion
 from fhir_server.storage import schema
@@ -39,6 +40,14 @@ def _reference_params(engine: Engine, compartment: str, rtype: str) -> list[Sear
     """The supported reference parameters that put a resource of ``rtype`` in a ``compartment``."""
     params = (engine.search_params.get(rtype, code) for code in definitions().get(compartment, {}).get(rtype, []))
     return [p for p in params if p is not None and p.supported and p.type == "reference"]
+
+
+def patient_params(engine: Engine, rtype: str) -> list[SearchParam]:
+    """The reference parameters that put a resource of ``rtype`` in a Patient's compartment (cached)."""
+    found = engine.patient_params.get(rtype)
+    if found is None:
+        found = engine.patient_params[rtype] = _reference_params(engine, "Patient", rtype)
+    return found
 
 
 def membership(engine: Engine, compartment: str, focal_id: str, rtype: str) -> Clause | None:
@@ -70,14 +79,15 @@ def patients_referenced(engine: Engine, repo: ResourceRepository, rtype: str, ri
 
 
 def search_compartment(engine: Engine, req: FhirRequest, compartment: str, focal_id: str, target: str) -> FhirResponse:
-    check_id(focal_id)
+    instances.check_id(focal_id)
     if compartment not in definitions():
         raise NotFound(
             f"{compartment} is not a compartment; compartments are {', '.join(sorted(definitions()))}",
             code="not-supported",
         )
     if target == "*":
-        types = tuple(t for t in engine.registry.resource_types if t in definitions()[compartment] or t == compartment)
+        every = tuple(t for t in engine.registry.resource_types if t in definitions()[compartment] or t == compartment)
+        types = authorization.beyond_wildcards(req.access, every, "s")
     else:
         if not engine.registry.is_resource_type(target):
             raise NotFound(f"Unknown resource type {target[:64]!r}", code="not-supported")

@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from fhir_server import fhirjson
 from fhir_server.capability.validation import validate_resource
-from fhir_server.engine import authorization, custom_params, search
+from fhir_server.engine import auditing, authorization, custom_params, search
 from fhir_server.engine.patching import apply_fhirpath_patch, apply_json_patch
 from fhir_server.engine.request import RETURN_MINIMAL, FhirRequest, FhirResponse
 from fhir_server.engine.resources import (
@@ -93,6 +93,7 @@ def create_in(engine: Engine, repo: ResourceRepository, rtype: str, body: dict[s
         if found:
             existing = repo.read(rtype, found[0])
             assert existing is not None
+            auditing.note_record(engine, existing)
             return existing, False, None
     definition = custom_params.check_definition(engine, body) if rtype == "SearchParameter" else None
     result, job = write_in(engine, repo, rtype, str(uuid.uuid4()), body, access=access, method="POST", create_only=True,

@@ -12,7 +12,9 @@ from typing import Any
 from fhir_server.capability.registry import Registry
 from fhir_server.capability.statement import Features, capability_statement
 from fhir_server.clock import now_us
-from fhir_server.engine import bundles, compartments, conditional, custom_params, history, resources, search
+from fhir_server.engine import authorization, bundles, compartments, conditional, custom_params, history, resources, search
+from fhir_server.engine.audit_trail import AuditTrail
+from fhir_server.engine.auditing import AUDIT_EVENT, refuse_audit_write
 from fhir_server.engine.reindex import JobRunner
 from fhir_server.engine.features import custom_features, search_features
 from fhir_server.engine.request import FhirRequest, FhirResponse
@@ -31,7 +33,6 @@ from fhir_server.settings import Settings
 from fhir_server.storage.store import Storage
 
 
-
 class Engine:
     def __init__(self, registry: Registry, storage: Storage, settings: Settings, features: Features | None = None) -> None:
         self.registry = registry
@@ -48,10 +49,24 @@ class Engine:
         self.started_at = now_us()
         self._statements: dict[str, RawJson] = {}
         self._lock = threading.Lock()
+        self.patient_params: dict[str, list[Any]] = {}  # compartments.patient_params' cache
+        self.audit = AuditTrail(self)
 
     def handle(self, req: FhirRequest) -> FhirResponse:
-        with storage_errors(req.tenant):
-            return self._route(req)
+        """One interaction, recorded in the audit log before its answer is returned (AuditUnavailable, a 503,
+        when its record cannot be written)."""
+        act, token = self.audit.begin(req)
+        try:
+            try:
+                with storage_errors(req.tenant):
+                    resp = self._route(req)
+            except Exception as exc:
+                self.audit.failed(act, exc)
+                raise
+            self.audit.succeeded(act, resp)
+            return resp
+        finally:
+            self.audit.end(token)
 
     def _route(self, req: FhirRequest) -> FhirResponse:
         path, method = req.path, req.method
@@ -77,6 +92,8 @@ class Engine:
         if head.startswith("$"):
             raise NotFound(f"Unknown operation {head[:64]!r}", code="not-supported")
         rtype = self._resource_type(head)
+        if rtype == AUDIT_EVENT and (method in ("PUT", "PATCH", "DELETE") or (method == "POST" and n == 1)):
+            refuse_audit_write(method)
         if n == 1:
             if method == "POST":
                 if req.if_none_exist is not None:
@@ -134,7 +151,7 @@ class Engine:
         if type_values:
             types = tuple(type_values)
         elif req.access.internal:
-            types = self.registry.resource_types
+            types = authorization.beyond_wildcards(req.access, self.registry.resource_types, "s")
         else:  # every type the access may search
             types = tuple(t for t in self.registry.resource_types if req.access.grants_for("s", t))
             if not types:

@@ -6,7 +6,8 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.clock import instant, now_us
-from fhir_server.engine import authorization
+from fhir_server.engine import auditing, authorization
+from fhir_server.engine.auditing import AUDIT_EVENT
 from fhir_server.engine.paging import CURSOR_PARAM, Cursor, page_url, parse_count
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.resources import check_id
@@ -17,6 +18,7 @@ from fhir_server.storage.repository import HistoryQuery, ResourceRepository, Ver
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
+    from fhir_server.security.access import AccessContext
 
 KNOWN_PARAMS = {"_since", "_at", "_count", CURSOR_PARAM, "_format", "_pretty", "_summary", "_elements"}
 
@@ -27,7 +29,7 @@ def _authorize(engine: Engine, repo: ResourceRepository, req: FhirRequest, rtype
     access = req.access
     if access.internal:
         return
-    types = (rtype,) if rtype is not None else engine.registry.resource_types
+    types = (rtype,) if rtype is not None else _system_types(engine, access)
     for t in types:
         authorization.grants(access, "r", t)
     if rid is not None and rtype is not None:
@@ -40,6 +42,11 @@ def _authorize(engine: Engine, repo: ResourceRepository, req: FhirRequest, rtype
         if authorization.constraint(engine, ctx, access, "r", t) is not None:
             raise Forbidden(f"The history of {t if rtype else 'the server'} needs read access to every {t} resource; "
                             "the access token's scopes are narrower (use search, or the history of one resource)")
+
+
+def _system_types(engine: Engine, access: AccessContext) -> tuple[str, ...]:
+    """The types a system-level history shows: all of them, the audit log only to those granted it by name."""
+    return authorization.beyond_wildcards(access, engine.registry.resource_types)
 
 
 def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str | None = None) -> FhirResponse:
@@ -63,6 +70,7 @@ def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str
         after=_key(cursor) if cursor and cursor.direction == "next" else None,
         before=_key(cursor) if cursor and cursor.direction == "prev" else None,
         limit=count,
+        exclude_types=(AUDIT_EVENT,) if rtype is None and len(_system_types(engine, req.access)) < len(engine.registry.resource_types) else (),
     )
     with engine.storage.session(req.tenant, write=False) as repo:
         _authorize(engine, repo, req, rtype, rid)
@@ -70,6 +78,8 @@ def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str
         more = False
         if count > 0:
             records, more = repo.history(query)
+        for rec in records:  # whose records the page holds (past versions: read from each body)
+            auditing.note_record(engine, rec, resource=False)
         total = None
         if rid is not None:
             state = repo.current_state(rtype or "", rid)

@@ -13,7 +13,7 @@ from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, FhirReque
 from fhir_server.engine.subsetting import subset
 from fhir_server.errors import BadRequest, Gone, Issue, NotFound, operation_outcome
 from fhir_server.fhirjson import RawJson
-from fhir_server.engine import authorization, custom_params
+from fhir_server.engine import auditing, authorization, compartments, custom_params
 from fhir_server.search.extract import IndexEntries
 from fhir_server.security.access import AccessContext
 from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
@@ -102,8 +102,10 @@ def read(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse
         authorization.grants_unless_internal(req.access, "r", rtype)
     with engine.storage.session(req.tenant, write=False) as repo:
         rec = repo.read(rtype, rid)
-        if rec is not None and not rec.deleted and not own:
-            authorization.check_instance(engine, repo, req.access, "r", rtype, rid)
+        if rec is not None and not rec.deleted:
+            auditing.note_record(engine, rec)  # whose record it is, also when the access is refused below
+            if not own:
+                authorization.check_instance(engine, repo, req.access, "r", rtype, rid)
     if rec is None:
         raise NotFound(f"{rtype}/{rid} is not known", expression="id")
     if rec.deleted:
@@ -151,6 +153,7 @@ def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> F
     with engine.storage.session(req.tenant, write=False) as repo:
         rec = repo.vread(rtype, rid, int(vid))
         if rec is not None:
+            auditing.note_record(engine, rec)
             authorization.check_instance(engine, repo, req.access, "r", rtype, rid)  # as the resource stands now
     if rec is None:
         raise NotFound(f"{rtype}/{rid} has no version {vid}")
@@ -252,6 +255,7 @@ def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, bod
             old = json.loads(previous.body)
     result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method=method, index=index,
                         if_match=if_match, create_only=create_only)
+    auditing.note_record(engine, result.record, body)
     authorization.check_writable(engine, repo, access, permission, rtype, rid)
     job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None
     return result, job
@@ -264,11 +268,15 @@ def remove(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, *, ac
     state = repo.current_state(rtype, rid) if not access.internal else None
     if state is not None and not state.deleted:
         authorization.check_writable(engine, repo, access, "d", rtype, rid)
+    if engine.audit.enabled:  # whose record it was: its index rows go with it
+        auditing.note_patients(engine, compartments.patients_referenced(engine, repo, rtype, rid))
     old = None
     if rtype == "SearchParameter":
         previous = repo.read(rtype, rid)
         if previous is not None and previous.body is not None:
             old = json.loads(previous.body)
     rec = repo.delete(rtype, rid, if_match=if_match)
+    if rec is not None:
+        auditing.note_resource(engine, rtype, rid, rec.version)
     job = custom_params.after_write(engine, repo, rid, old, None) if rtype == "SearchParameter" and rec is not None else None
     return rec, job

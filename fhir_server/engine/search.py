@@ -18,7 +18,7 @@ from sqlalchemy import func, or_, and_, select
 
 from fhir_server import fhirjson
 from fhir_server.clock import instant, now_us
-from fhir_server.engine import authorization
+from fhir_server.engine import auditing, authorization
 from fhir_server.engine.paging import CURSOR_PARAM, page_url
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.subsetting import subset
@@ -127,6 +127,7 @@ def search(
         if included and not req.access.internal:  # included resources are read: only those the access may read
             readable = authorization.filter_keys(engine, repo, req.access, "r", [(r.res_type, r.res_id) for r in included])
             included = [r for r in included if (r.res_type, r.res_id) in readable]
+        auditing.note_rows(engine, repo, [*matches, *included])  # whose records the answer holds
     if query.total == "none":
         total = None
     base = f"{req.base_url}/{path}" if path else (req.base_url if system else f"{req.base_url}/{types[0]}")

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from fhir_server.security.scopes import Grant, Scopes
 
+AUDIT_EVENT = "AuditEvent"
+AUDITOR_ROLE = "auditor"  # a user role: may read and search the audit log with user/ scopes
+
 
 @dataclass(frozen=True, slots=True)
 class AccessContext:
@@ -19,6 +22,8 @@ class AccessContext:
     encounter: str | None = None
     client_id: str | None = None
     subject: str | None = None  # the user's username, or the client for a backend service
+    username: str | None = None  # the logged-in user, when there is one
+    roles: tuple[str, ...] = ()  # the user's roles (clinician, auditor, emergency-access, ...)
     fhir_user: str | None = None  # e.g. Practitioner/123
     user_patient: str | None = None  # a related person's patient: their user/ scopes reach that record only
     token_id: str | None = None  # an identifier of the token (not the token), for audit
@@ -30,8 +35,18 @@ class AccessContext:
         return AccessContext(Scopes(), subject="fhir-server", internal=True)
 
     def grants_for(self, permission: str, resource_type: str) -> list[Grant]:
-        """The clinical grants that allow ``permission`` (a letter of cruds) on ``resource_type``."""
-        return [g for g in self.scopes.grants if g.covers(permission, resource_type)]
+        """The clinical grants that allow ``permission`` (a letter of cruds) on ``resource_type``.
+
+        The audit log is the auditors': AuditEvents are reached only by a ``system/`` grant that names
+        AuditEvent (not ``system/*``), or by a ``user/`` grant of a user with the auditor role; never by
+        ``patient/`` grants.
+        """
+        found = [g for g in self.scopes.grants if g.covers(permission, resource_type)]
+        if resource_type == AUDIT_EVENT and found:
+            auditor = AUDITOR_ROLE in self.roles
+            found = [g for g in found if (g.context == "system" and g.resource_type == AUDIT_EVENT)
+                     or (g.context == "user" and auditor)]
+        return found
 
 
 INTERNAL = AccessContext.internal_access()

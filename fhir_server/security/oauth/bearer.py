@@ -63,6 +63,8 @@ def access_in(repo: ResourceRepository, base_url: str, token: str) -> AccessCont
         encounter=context.get("encounter"),
         client_id=record.client_id,
         subject=record.username or record.client_id,
+        username=record.username,
+        roles=tuple(r for r in context.get("roles") or () if isinstance(r, str)),
         fhir_user=context.get("fhirUser"),
         user_patient=context.get("user_patient"),
         token_id=record.grant_id,

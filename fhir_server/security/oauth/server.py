@@ -55,6 +55,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 
 from fhir_server.clock import now_us
+from fhir_server.security.oauth import audit as auth_audit
 from fhir_server.security.oauth.store import SECOND, AuthStore, ClientRecord, CodeRecord, TokenRecord, UserRecord, digest, new_secret
 from fhir_server.security.scopes import ScopeError, parse_scopes, within
 
@@ -335,6 +336,7 @@ class SmartAuthorizationCodeGrant(grants.AuthorizationCodeGrant):  # type: ignor
         if record.used_at is not None:  # used before: revoke what its first use issued
             revoked = store.revoke_grant(record.grant_id)
             log.warning("authorization code reused; its grant is revoked", extra={"client_id": record.client_id, "revoked": revoked})
+            auth_audit.reuse(current(), record.client_id, record.grant_id, "spent authorization code")
             return None
         if record.expires_at <= now_us():
             return None
@@ -373,6 +375,7 @@ class SmartRefreshTokenGrant(grants.RefreshTokenGrant):  # type: ignore[misc]
             return None
         if record.revoked_at is not None:  # a rotated (or revoked) refresh token presented again
             store.revoke_grant(record.grant_id)
+            auth_audit.reuse(current(), record.client_id, record.grant_id, "rotated or revoked refresh token")
             return None
         if record.expires_at <= now_us():
             return None
@@ -425,6 +428,7 @@ class SmartRevocationEndpoint(RevocationEndpoint):  # type: ignore[misc]
         return _query(token_string)
 
     def revoke_token(self, token: Credential, request: OAuth2Request) -> None:
+        current().issued = {"revoked_grant": token.record.grant_id, "client_id": token.record.client_id}
         store = current().store
         if token.record.kind == "refresh":
             store.revoke_grant(token.record.grant_id)  # RFC 7009: a refresh token takes its access tokens along
@@ -515,6 +519,8 @@ class SmartAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             grant_id, context = uuid.uuid4().hex, {}
         if user is not None and user.record.fhir_user:
             context["fhirUser"] = user.record.fhir_user
+        if user is not None:
+            context["roles"] = list(user.record.roles)  # for the audit log, and the auditor's access to it
         granted = parse_scopes(token.get("scope") or "", lenient=True)
         token["scope"] = str(granted)
         store.save_token(token["access_token"], kind="access", grant_id=grant_id, client_id=client.get_client_id(),
@@ -537,7 +543,9 @@ class SmartAuthorizationServer(AuthorizationServer):  # type: ignore[misc]
             token["smart_style_url"] = context["smart_style_url"]
         if user is not None and granted.has("openid") and (granted.has("fhirUser") or granted.has("profile")):
             token["id_token"] = id_token(store, scope.fhir_base, client.get_client_id(), user, context.get("nonce"))
-        scope.issued = {"grant_id": grant_id, "client_id": client.get_client_id(), "scope": token["scope"]}
+        scope.issued = {"grant_id": grant_id, "client_id": client.get_client_id(), "scope": token["scope"],
+                        "username": user.get_user_id() if user else None, "roles": context.get("roles") or [],
+                        "break_glass": bool(context.get("break_glass"))}
 
 
 def id_token(store: AuthStore, issuer: str, client_id: str, user: User, nonce: str | None) -> str:

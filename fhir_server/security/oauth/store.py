@@ -174,15 +174,16 @@ class AuthStore:
                               .values(revoked_at=now_us()))
         return bool(done.rowcount)
 
-    def login_failed(self, username: str) -> None:
-        """Count a failed login; the account locks after LOCKOUT_FAILURES in a row."""
+    def login_failed(self, username: str) -> bool:
+        """Count a failed login; the account locks after LOCKOUT_FAILURES in a row. True when this one locked it."""
         user = self.user(username)
         if user is None:
-            return
+            return False
         failures = user.failed_logins + 1
         locked_until = now_us() + LOCKOUT_SECONDS * SECOND if failures >= LOCKOUT_FAILURES else user.locked_until
         self.conn.execute(update(U).where(U.c.tenant_id == self.tid, U.c.username == username)
                           .values(failed_logins=0 if failures >= LOCKOUT_FAILURES else failures, locked_until=locked_until))
+        return failures >= LOCKOUT_FAILURES
 
     def login_succeeded(self, username: str) -> None:
         self.conn.execute(update(U).where(U.c.tenant_id == self.tid, U.c.username == username).values(failed_logins=0))

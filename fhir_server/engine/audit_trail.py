@@ -1,0 +1,315 @@
+"""Writing the audit log: every interaction's AuditEvent, committed before anyone sees its result.
+
+- A write interaction's AuditEvent is appended in the transaction of its data (``Storage.before_commit``):
+  both commit, or neither.
+- A read's (and a failure's) is committed before ``Engine.handle`` returns, by a group commit: the threads of a
+  process that finish at the same time share one transaction per tenant. If it cannot be written, the
+  interaction fails (503): nothing leaves unaudited.
+- Events of the authorization server and the command line are queued on the unit of work they concern
+  (``repo.pending_audit``) and go into its transaction the same way.
+
+Each AuditEvent is stored as a resource of its tenant (indexed like any other, so ``AuditEvent?patient=``
+works) with a pending row for the chain (``storage/audit_log.py``); after the commit the process's chainer is
+kicked, the monitoring rules' alerts are logged, and each record is mirrored to the sink, if one is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, tuple_
+
+from fhir_server.engine import auditing, compartments
+from fhir_server.engine.auditing import COMMITTING, DEFERRED, LOST, OPEN, RECORDED, Interaction
+from fhir_server.engine.resources import stamp
+from fhir_server.errors import ServiceUnavailable
+from fhir_server.search.extract import IndexEntries, parse_reference
+from fhir_server.security import audit_chain
+from fhir_server.security.audit_events import current_origin
+from fhir_server.security.audit_monitor import Monitor
+from fhir_server.storage import audit_log, schema
+from fhir_server.storage.repository import ResourceRepository, WriteItem
+from fhir_server.storage.tenants import TenantNotFound
+
+if TYPE_CHECKING:
+    from fhir_server.engine.engine import Engine
+    from fhir_server.engine.request import FhirRequest, FhirResponse
+
+log = logging.getLogger(__name__)
+AUDIT_EVENT = "AuditEvent"
+
+
+class AuditUnavailable(ServiceUnavailable):
+    """The audit record of an interaction could not be written, so its result is withheld."""
+
+
+class AuditTrail:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.storage = engine.storage
+        self.enabled = engine.settings.audit
+        self.monitor = Monitor(engine.settings)
+        self.sink = Sink(engine.settings.audit_sink) if engine.settings.audit_sink else None
+        self._group = GroupCommit(self._commit)
+        self._chain_keys: dict[int, tuple[bytes, bytes]] = {}
+        self.storage.before_commit = self._before_commit
+
+    # --- the engine's side ---------------------------------------------------------------------------------
+
+    def begin(self, req: FhirRequest) -> tuple[Interaction | None, object | None]:
+        """The interaction of an engine request: the one the HTTP layer opened for it, or a new one (nested in a
+        Bundle, or from another door)."""
+        if not self.enabled:
+            return None, None
+        act = auditing.current()
+        if act is not None and not act.attached and act.tenant == req.tenant:
+            act.attach(req)
+            return act, None
+        act = Interaction.of(req, current_origin())
+        return act, auditing.enter(act)
+
+    @contextmanager
+    def http(self, method: str, tenant: str, path: tuple[str, ...], params: tuple[tuple[str, str], ...],
+             base_url: str) -> Iterator[None]:
+        """The interaction of an HTTP request, opened before the request is read: what fails before the engine
+        takes it over (no valid token, a body that does not parse) is recorded too."""
+        if not self.enabled:
+            yield
+            return
+        act = Interaction(method, tenant, path, params, base_url, None, current_origin())
+        token = auditing.enter(act)
+        try:
+            yield
+        except Exception as exc:
+            self.failed(act, exc)
+            raise
+        finally:
+            auditing.leave(token)
+
+    def end(self, token: object | None) -> None:
+        if token is not None:
+            auditing.leave(token)
+
+    def succeeded(self, act: Interaction | None, resp: FhirResponse) -> None:
+        """Record a successful interaction unless its write transaction did; raises AuditUnavailable if it cannot."""
+        if act is None or act.state in (RECORDED, DEFERRED):
+            return
+        self._record(act, act.event(resp.status), strict=True)
+
+    def failed(self, act: Interaction | None, exc: BaseException) -> None:
+        """Record a failed interaction (the caller re-raises its error; when this one cannot be recorded either,
+        that is logged, and the error stands)."""
+        if act is None or act.state in (RECORDED, LOST, DEFERRED):
+            return
+        status, description = auditing.failure(exc)
+        self._record(act, act.event(status, description), strict=False)
+
+    def _record(self, act: Interaction, event: dict[str, Any], *, strict: bool) -> None:
+        outer = self.storage.open_write(act.tenant)
+        if outer is not None:  # inside a write unit of work of the tenant (a login page's search): commit with it
+            outer.pending_audit.append(event)
+            act.state = RECORDED
+            return
+        if self.storage.after_shared_reads(act.tenant, lambda: self._commit_record(act, event, strict=strict)):
+            act.state = DEFERRED  # committed when the request's read session ends, before its answer leaves
+            return
+        self._commit_record(act, event, strict=strict)
+
+    def _commit_record(self, act: Interaction, event: dict[str, Any], *, strict: bool) -> None:
+        """Commit an interaction's record now; when it cannot be, AuditUnavailable (``strict``: the record of a success,
+        whose answer must then not leave), or a log line (the record of a failure: the failure stands)."""
+        try:
+            self.append(act.tenant, [event])
+        except TenantNotFound:
+            act.state = LOST  # no such tenant: no log to write to (the answer says so)
+            return
+        except Exception as exc:
+            act.state = LOST
+            log.error("audit record not written", extra={"tenant": act.tenant, "error_type": type(exc).__name__,
+                                                         "cause_type": type(exc.__cause__).__name__ if exc.__cause__ else None})
+            if strict:
+                raise AuditUnavailable("The audit log could not be written, so the request was not completed; retry later",
+                                       headers={"Retry-After": "5"}) from None
+            return
+        act.state = RECORDED
+
+    # --- appending ---------------------------------------------------------------------------------------
+
+    def append(self, tenant: str, events: list[dict[str, Any]]) -> None:
+        """Commit AuditEvents of ``tenant`` now (with those of other threads of this process: a group commit)."""
+        if self.enabled and events:
+            self._group.submit(tenant, events)
+
+    def _commit(self, tenant: str, events: list[dict[str, Any]]) -> None:
+        with self.storage.session(tenant, write=True, audited=False) as repo:
+            written, alerts = self.append_in(repo, events)
+        self._after_commit(tenant, written, alerts)
+
+    def _before_commit(self, repo: ResourceRepository) -> Callable[[], None] | None:
+        events, repo.pending_audit = repo.pending_audit, []
+        if not self.enabled:
+            return None
+        act = auditing.current()
+        in_transaction = act is not None and act.state == OPEN and act.attached and act.tenant == repo.tenant.name
+        if in_transaction:
+            assert act is not None
+            events.append(act.event(200))
+            act.state = COMMITTING
+        if not events:
+            return None
+        try:
+            written, alerts = self.append_in(repo, events)
+        except Exception as exc:  # the unit of work rolls back with it: nothing is written unaudited
+            log.error("audit record not written", extra={"tenant": repo.tenant.name, "error_type": type(exc).__name__})
+            raise AuditUnavailable("The audit log could not be written, so nothing was changed; retry later",
+                                   headers={"Retry-After": "5"}) from None
+
+        def after() -> None:
+            if in_transaction:
+                assert act is not None
+                act.state = RECORDED
+            self._after_commit(repo.tenant.name, written, alerts)
+
+        return after
+
+    def append_in(self, repo: ResourceRepository, events: list[dict[str, Any]]) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
+        """Store AuditEvents in an open write unit of work, with their index rows and their pending chain rows
+        (and the alerts the monitoring rules raise on them). Returns (id, stored bytes) of each, and the alerts."""
+        alerts = self.monitor.evaluate(repo, events)
+        ctx = self.engine.contexts.for_repo(repo)
+        local = f"/fhir/{repo.tenant.name}/"
+        items = []
+        for event in [*events, *alerts]:
+            index: IndexEntries = ctx.extractor.extract(event, local_path=local)
+            items.append(WriteItem(AUDIT_EVENT, event["id"], _builder(event), "POST", index, create_only=True))
+        results = repo.write_many(items)
+        key = self._chain_key(repo)
+        written = [(r.record.res_id, r.record.body or b"") for r in results]
+        audit_log.add_pending(repo.conn, repo.tenant.id, [
+            (r.record.res_id, r.record.last_updated, audit_chain.record_digest(key, r.record.body or b"")) for r in results])
+        return written, alerts
+
+    def _after_commit(self, tenant: str, written: list[tuple[str, bytes]], alerts: list[dict[str, Any]]) -> None:
+        self.storage.audit_log.kick(tenant)
+        for alert in alerts:
+            self.monitor.log_alert(tenant, alert)
+        if self.sink is not None:
+            self.sink.write(tenant, [body for _, body in written])
+
+    def _chain_key(self, repo: ResourceRepository) -> bytes:
+        index_key = repo.sealer.keys.index_key
+        cached = self._chain_keys.get(repo.tenant.id)
+        if cached is None or cached[0] != index_key:
+            cached = (index_key, audit_chain.chain_key(index_key))
+            self._chain_keys[repo.tenant.id] = cached
+        return cached[1]
+
+    # --- whose record ---------------------------------------------------------------------------------------
+
+    def patients_in(self, rtype: str, rid: str, body: dict[str, Any], base_url: str | None = None) -> set[str]:
+        """The Patients in whose compartment a resource (its JSON) is, by the Patient CompartmentDefinition's
+        reference parameters (relative references, or absolute ones to this server's base URL)."""
+        found = {rid} if rtype == "Patient" else set()
+        for param in compartments.patient_params(self.engine, rtype):
+            for path in param.paths:
+                for typed in path.evaluate(body):
+                    value = typed.value
+                    ref = value.get("reference") if isinstance(value, dict) else None
+                    if not isinstance(ref, str):
+                        continue
+                    if base_url and ref.startswith(base_url + "/"):
+                        ref = ref[len(base_url) + 1:]
+                    target_type, target_id, _, _ = parse_reference(ref)
+                    if target_type == "Patient" and target_id:
+                        found.add(target_id)
+        return found
+
+    def patients_of_rows(self, repo: ResourceRepository, keys: list[tuple[str, str]]) -> set[str]:
+        """The Patients in whose compartments the current versions of these resources are (as indexed)."""
+        found = {rid for rtype, rid in keys if rtype == "Patient"}
+        param_keys = {p.key for rtype in {t for t, _ in keys} for p in compartments.patient_params(self.engine, rtype)}
+        if not param_keys:
+            return found
+        ref = schema.idx_reference
+        for start in range(0, len(keys), 500):
+            rows = repo.conn.execute(select(ref.c.target_id).distinct().where(
+                ref.c.tenant_id == repo.tenant.id, ref.c.param_key.in_(param_keys), ref.c.target_type == "Patient",
+                ref.c.target_id.is_not(None), tuple_(ref.c.res_type, ref.c.res_id).in_(keys[start:start + 500])))
+            found.update(r.target_id for r in rows)
+        return found
+
+
+def _builder(event: dict[str, Any]) -> Callable[[int, int], bytes]:
+    return lambda version, last_updated: stamp(event, event["id"], version, last_updated)
+
+
+@dataclass
+class _Batch:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """Threads that commit AuditEvents of one tenant at the same time share a transaction: while one commits,
+    the next ones gather behind it, and the first of them commits them all."""
+
+    def __init__(self, commit: Callable[[str, list[dict[str, Any]]], None]) -> None:
+        self._commit = commit
+        self._lock = threading.Lock()
+        self._gathering: dict[str, _Batch] = {}
+        self._gates: dict[str, threading.Lock] = {}
+
+    def submit(self, tenant: str, events: list[dict[str, Any]]) -> None:
+        with self._lock:
+            batch = self._gathering.get(tenant)
+            leader = batch is None
+            if batch is None:
+                batch = self._gathering[tenant] = _Batch()
+            batch.events.extend(events)
+            gate = self._gates.setdefault(tenant, threading.Lock())
+        if not leader:
+            batch.done.wait()
+        else:
+            with gate:  # one commit per tenant at a time in this process; later events gather meanwhile
+                with self._lock:
+                    if self._gathering.get(tenant) is batch:
+                        del self._gathering[tenant]
+                try:
+                    self._commit(tenant, batch.events)
+                except BaseException as exc:  # noqa: BLE001 - handed to every thread of the batch
+                    batch.error = exc
+                finally:
+                    batch.done.set()
+        if batch.error is not None:
+            if isinstance(batch.error, TenantNotFound):
+                raise TenantNotFound(tenant)
+            raise RuntimeError("the audit batch failed") from batch.error
+
+
+class Sink:
+    """A copy of every record as a JSON line in a file (for a SIEM): ``{"tenant": ..., "auditEvent": {...}}``.
+    The file holds what the records hold (search queries among it): protect it like the database."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+
+    def write(self, tenant: str, bodies: list[bytes]) -> None:
+        lines = b"".join(b'{"tenant":"' + tenant.encode() + b'","auditEvent":' + body + b"}\n" for body in bodies)
+        try:
+            with self._lock:
+                if self._fd is None or self._pid != os.getpid():
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    self._pid = os.getpid()
+                os.write(self._fd, lines)
+        except OSError as exc:  # the database holds the record: the mirror is a copy
+            log.error("audit sink not written", extra={"error_type": type(exc).__name__, "errno": exc.errno})
