@@ -117,7 +117,8 @@ class Server:
                 self.proc.kill()
 
 
-def start_fhir_server(db: Database, workdir: Path, *, cipher: str = "aes-256-gcm", workers: int = 3, threads: int = 2,
+def start_fhir_server(db: Database, workdir: Path, *, cipher: str = "aes-256-gcm", workers: int = 3,
+                      threads: int = int(os.environ.get("BENCH_THREADS", "2")),
                       extra_env: dict[str, str] | None = None) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -137,10 +138,10 @@ def start_fhir_server(db: Database, workdir: Path, *, cipher: str = "aes-256-gcm
         FHIR_CIPHER=cipher,
         FHIR_MAX_PAGE_SIZE="1000",
         FHIR_TRUSTED_PROXY="127.0.0.1",  # production serves HTTPS only: the benchmark plays the TLS-terminating proxy
-        **(extra_env or {}),
     )
-    if cipher == "null":
-        env["FHIR_ENV"] = "development"  # production refuses the null cipher, by design
+    env.update(extra_env or {})
+    if cipher == "null" or env.get("FHIR_AUDIT") == "false":
+        env["FHIR_ENV"] = "development"  # production refuses the null cipher and an unaudited server, by design
     if not key_file.exists():
         subprocess.run([str(BIN / "fhir-server"), "keys", "generate-master", "--output", str(key_file)], env=env, check=True,
                        capture_output=True)

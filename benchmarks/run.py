@@ -13,11 +13,13 @@ import io
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import requests
 
 from benchmarks import datagen
-from benchmarks.harness import DEFAULT_ADMIN, ROOT, Database, Server, create_database, start_fhir_server, start_gunicorn_app, wrk
+from benchmarks.harness import BIN, DEFAULT_ADMIN, ROOT, Database, Server, create_database, start_fhir_server, start_gunicorn_app, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -36,19 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small data, short runs (under 3 minutes)")
     parser.add_argument("--patients", type=int, default=None, help="patients in the main data set (D1 = 1000)")
     parser.add_argument("--seconds", type=int, default=None, help="duration of each wrk run")
+    parser.add_argument("--only", choices=["audit", "encryption"], default=None,
+                        help="run only this same-build comparison (quick to repeat while working on one cost)")
     parser.add_argument("--admin-url", default=os.environ.get("FHIR_BENCH_POSTGRES_URL") or os.environ.get("FHIR_TEST_POSTGRES_URL") or DEFAULT_ADMIN)
     args = parser.parse_args(argv)
     patients = args.patients or (60 if args.quick else 1000)
     seconds = args.seconds or (6 if args.quick else 20)
     small = 20 if args.quick else 100
     work = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
+    if args.only:
+        return _only(args.only, work, args.admin_url, list(datagen.patients(small)), seconds)
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
         "mode": "quick" if args.quick else "full",
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": {"patients": patients, "seconds": seconds, "workers": 3, "threads": 2,
-                     "auth": "SMART backend-services bearer token on every request", "audit": "not yet implemented", "encryption": "aes-256-gcm"},
+                     "auth": "SMART backend-services bearer token on every request",
+                     "audit": "on: an AuditEvent for every request", "encryption": "aes-256-gcm"},
         "workloads": {},
         "baselines": {},
     }
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         _log("baselines done")
         results["encryption"] = encryption_cost(work, args.admin_url, bundles[:small], seconds, databases, servers)
         _log("encryption comparison done")
+        results["audit"] = audit_cost(work, args.admin_url, bundles[:small], seconds, databases, servers)
+        _log("audit comparison done")
     finally:
         for s in servers:
             s.stop()
@@ -103,6 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))
     print(f"\nresults written to {out.relative_to(ROOT)}")
+    return 0
+
+
+def _only(which: str, work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int) -> int:
+    databases: list[Database] = []
+    servers: list[Server] = []
+    try:
+        compare = audit_cost if which == "audit" else encryption_cost
+        result = compare(work, admin_url, bundles, seconds, databases, servers)
+    finally:
+        for s in servers:
+            s.stop()
+        for d in databases:
+            d.drop()
+    print(json.dumps({k: result[k] for k in ("median_rps", "cost_pct", "goal", "indexing") if k in result}, indent=2))
     return 0
 
 
@@ -324,35 +348,83 @@ def copy_baseline(db: Database) -> dict[str, Any]:
             "seconds": round(elapsed, 3), "resources_per_s": round(resources / elapsed, 1)}
 
 
-# --- encryption cost --------------------------------------------------------------------------------------
+# --- the cost of encryption, and of auditing ---------------------------------------------------------------
 
 def encryption_cost(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int,
                     databases: list[Database], servers: list[Server]) -> dict[str, Any]:
     """The same build with AES-256-GCM and with the null cipher, same data, in one run, alternating."""
-    runs: dict[str, dict[str, list[float]]] = {"aes-256-gcm": {"create": [], "read": []}, "null": {"create": [], "read": []}}
+    out = same_build_compared(work, admin_url, bundles, seconds, databases, servers,
+                              {"aes-256-gcm": {"FHIR_CIPHER": "aes-256-gcm"}, "null": {"FHIR_CIPHER": "null"}})
+    return {**out, "cost_pct": _cost(out["median_rps"], "null", "aes-256-gcm"), "goal": "< 15% on create and read"}
+
+
+def audit_cost(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int,
+               databases: list[Database], servers: list[Server]) -> dict[str, Any]:
+    """The same build with auditing on and off (FHIR_AUDIT=false, which production refuses: both servers run as
+    development here, alike but for that), same data, in one run, alternating."""
+    out = same_build_compared(work, admin_url, bundles, seconds, databases, servers,
+                              {"audit on": {"FHIR_ENV": "development"},
+                               "audit off": {"FHIR_ENV": "development", "FHIR_AUDIT": "false"}},
+                              settle={"audit on": _index_audit_backlog})
+    return {**out, "cost_pct": _cost(out["median_rps"], "audit off", "audit on"), "goal": "< 20% on read",
+            "indexing": out["settled"].get("audit on")}
+
+
+def _index_audit_backlog(server: Server) -> dict[str, Any]:
+    """After a run: the records the server left for idle moments, chained and indexed now (by the command line, so
+    that this work does not land on the other server's next run), with the time and CPU it took."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    out = subprocess.run([str(BIN / "fhir-server"), "audit", "chain", "--tenant", "default"], env=server.env, check=True,
+                         capture_output=True, text=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    indexed = int(out.split(" indexed")[0].rsplit(" ", 1)[1])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"records": indexed, "seconds": round(time.monotonic() - started, 2), "client_cpu_s": round(cpu, 2)}
+
+
+def _cost(median: dict[str, dict[str, float]], without: str, with_: str) -> dict[str, float]:
+    return {k: round(100 * (median[without][k] - median[with_][k]) / median[without][k], 1) for k in ("create", "read")}
+
+
+def same_build_compared(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int, databases: list[Database],
+                        servers: list[Server], variants: dict[str, dict[str, str]],
+                        settle: dict[str, Callable[[Server], dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Two servers of this build that differ only in ``variants``' settings, on databases with the same data: create
+    and read throughput (16 connections), five short runs each, interleaved, compared by their medians (this
+    machine's noise is larger than the effects measured). ``settle`` finishes a variant's deferred work after each
+    of its runs, before the next run starts; what it reports is summed."""
+    runs: dict[str, dict[str, list[float]]] = {name: {"create": [], "read": []} for name in variants}
+    settled: dict[str, dict[str, float]] = {}
     pair: dict[str, Server] = {}
-    for cipher in runs:
+    for name, env in variants.items():
         db = create_database(admin_url)
         databases.append(db)
-        srv = start_fhir_server(db, work / f"cipher-{cipher}", cipher=cipher)
+        label = name.replace(" ", "-")
+        srv = start_fhir_server(db, work / f"variant-{label}", cipher=env.get("FHIR_CIPHER", "aes-256-gcm"),
+                                extra_env={k: v for k, v in env.items() if k != "FHIR_CIPHER"})
         servers.append(srv)
         ingest(srv, bundles, uploaders=4)
         analyze(db)
-        pair[cipher] = srv
-    reads = work / "enc-reads.txt"
-    reads.write_text("\n".join(f"{_path(pair['null'])}{e['request']['url']}" for b in bundles for e in b["entry"]) + "\n")
-    # Short runs, interleaved, compared by their medians: this machine's noise is larger than the effect.
+        pair[name] = srv
+    first = next(iter(pair.values()))
+    reads = work / f"reads-{'-'.join(n.replace(' ', '') for n in variants)}.txt"
+    reads.write_text("\n".join(f"{_path(first)}{e['request']['url']}" for b in bundles for e in b["entry"]) + "\n")
     span = max(3, seconds // 2)
     for round_ in range(5):
         order = list(pair.items()) if round_ % 2 == 0 else list(reversed(pair.items()))
-        for cipher, srv in order:
-            c = wrk(srv.base_url, "crud.lua", [_path(srv), f"enc{round_}", "create-only"], connections=16, threads=16, seconds=span, headers=srv.headers())
+        for name, srv in order:
+            c = wrk(srv.base_url, "crud.lua", [_path(srv), f"cmp{round_}", "create-only"], connections=16, threads=16, seconds=span, headers=srv.headers())
             r = wrk(srv.base_url, "paths.lua", [str(reads)], connections=16, threads=2, seconds=span, headers=srv.headers())
-            runs[cipher]["create"].append(c.rps)
-            runs[cipher]["read"].append(r.rps)
+            runs[name]["create"].append(c.rps)
+            runs[name]["read"].append(r.rps)
+            if settle and name in settle:
+                done = settle[name](srv)
+                total = settled.setdefault(name, {})
+                for k, v in done.items():
+                    total[k] = round(total.get(k, 0) + v, 2)
     median = {c: {k: sorted(v)[len(v) // 2] for k, v in w.items()} for c, w in runs.items()}
-    cost = {k: round(100 * (median["null"][k] - median["aes-256-gcm"][k]) / median["null"][k], 1) for k in ("create", "read")}
-    return {"median_rps": median, "all_rps": runs, "cost_pct": cost, "goal": "< 15% on create and read"}
+    return {"median_rps": median, "all_rps": runs, "settled": settled}
 
 
 # --- report ---------------------------------------------------------------------------------------------------
@@ -402,6 +474,13 @@ def report(r: dict[str, Any]) -> str:
                  f"(medians {enc['median_rps']['aes-256-gcm']['create']}/{enc['median_rps']['null']['create']} and "
                  f"{enc['median_rps']['aes-256-gcm']['read']}/{enc['median_rps']['null']['read']} req/s)",
                  "< 15%", verdict(enc["cost_pct"]["create"] < 15 and enc["cost_pct"]["read"] < 15)))
+    audit = r.get("audit")
+    if audit:
+        rows.append(("audit", "auditing on vs off (create / read, 16 connections)",
+                     f"create {audit['cost_pct']['create']}% / read {audit['cost_pct']['read']}% slower "
+                     f"(medians {audit['median_rps']['audit on']['create']}/{audit['median_rps']['audit off']['create']} and "
+                     f"{audit['median_rps']['audit on']['read']}/{audit['median_rps']['audit off']['read']} req/s)",
+                     "< 20% on read", verdict(audit["cost_pct"]["read"] < 20)))
     lines = [f"Benchmark {r['mode']} run, commit {r['commit']}, {r['date']}, {r['machine']['cpus']} CPUs; "
              f"{r['settings']['patients']} patients; server peak RSS per worker {r.get('peak_worker_rss_mib')} MiB; "
              f"wrk CPU during W2/16: {w['W2']['16 connections']['client_cpu_pct']}%", ""]

@@ -39,6 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--base-url", default=None, help="FHIR base URL of the server under test (default: start ours)")
     parser.addoption("--bearer-token", default=None, help="Access token for the server under --base-url")
     parser.addoption("--smart-config", default=None, help="JSON file: the clients, users and patients the SMART tests use")
+    parser.addoption("--audit-token", default=None, help="Access token allowed to search AuditEvent (the audit tests)")
 
 
 @dataclass

@@ -153,8 +153,8 @@ def tenants_create(name: str) -> None:
             tenant = tenant_store.create(conn, name, storage.provider)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    cli_audit.record(engine, name, cli_audit.admin_event(name, "tenant-created", "Tenant created", f"tenant {name} created"))
-    cli_audit.record_server_wide(engine, "tenant-created", "Tenant created", f"tenant {name} (id {tenant.id}) created")
+    cli_audit.record(engine, name, cli_audit.admin_event(name, "tenant-created", f"tenant {name} created"))
+    cli_audit.record_server_wide(engine, "tenant-created", f"tenant {name} (id {tenant.id}) created")
     click.echo(f"created tenant {tenant.name} (id {tenant.id})")
 
 
@@ -191,7 +191,7 @@ def tenants_delete(name: str, crypto_shred: bool, yes: bool) -> None:
             raise click.ClickException(f"no tenant {name!r}")
         tenant = found[0]
         tenant_store.shred_keys(conn, tenant)
-    cli_audit.record_server_wide(engine, "tenant-deleted", "Tenant deleted (crypto-shredded)",
+    cli_audit.record_server_wide(engine, "tenant-deleted",
                                  f"tenant {name} (id {tenant.id}) deleted: its keys destroyed, its rows to be removed")
     click.echo(f"tenant {name}: keys destroyed; its data can no longer be decrypted")
     with click.progressbar(length=0, label="removing rows", show_pos=True) as bar:
@@ -273,7 +273,7 @@ def keys_rotate(tenant_name: str) -> None:
             version = tenant_store.rotate_data_key(conn, tenant, storage.provider)
     except tenant_store.TenantNotFound:
         raise click.ClickException(f"no tenant {tenant_name!r}") from None
-    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "data-key-rotated", "Data key rotated",
+    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "data-key-rotated",
                                                                f"data key version {version} is now used for new writes"))
     click.echo(f"tenant {tenant_name}: data key version {version} is now used for new writes")
 
@@ -294,7 +294,7 @@ def keys_reencrypt(tenant_name: str, batch_size: int) -> None:
             done = maintenance.reencrypt(storage, tenant_name, batch_size=batch_size, progress=bar.update)
     except TenantNotFound:
         raise click.ClickException(f"no tenant {tenant_name!r}") from None
-    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "reencrypted", "Stored versions re-encrypted",
+    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "reencrypted",
                                                                f"{done} versions re-sealed under the current data key"))
     click.echo(f"tenant {tenant_name}: {done} versions re-encrypted")
 
@@ -332,9 +332,9 @@ def keys_rotate_master(new_key_file: Path | None) -> None:
     storage.provider = storage.keyring.provider = new  # the records below are sealed with keys it now unwraps
     storage.keyring.forget_all()
     for name in rewrapped:
-        cli_audit.record(engine, name, cli_audit.admin_event(name, "master-key-rotated", "Master key rotated",
+        cli_audit.record(engine, name, cli_audit.admin_event(name, "master-key-rotated",
                                                              "the tenant's keys were re-wrapped under a new master key"))
-    cli_audit.record_server_wide(engine, "master-key-rotated", "Master key rotated", f"{count} tenant keys re-wrapped")
+    cli_audit.record_server_wide(engine, "master-key-rotated", f"{count} tenant keys re-wrapped")
     if path is not None:
         click.echo(f"re-wrapped {count} keys; {path} now holds only the new master key")
     else:

@@ -32,10 +32,9 @@ def operator() -> ae.Actor:
     return ae.Actor(internal=True, os_user=name)
 
 
-def admin_event(tenant: str, code: str, display: str, description: str, *,
-                dicom: tuple[str, str] = ("110129", "Security Configuration")) -> dict[str, Any]:
+def admin_event(tenant: str, code: str, description: str, *, dicom: str = ae.SECURITY_CONFIGURATION) -> dict[str, Any]:
     """A change of security configuration made at the command line, for ``tenant``'s log."""
-    return ae.security_event(code, display, description, operator(), ae.Place(tenant), dicom_subtype=dicom)
+    return ae.security_event(code, description, operator(), ae.Place(tenant), dicom_subtype=dicom)
 
 
 def record(engine: Engine, tenant: str, event: dict[str, Any]) -> None:
@@ -43,13 +42,13 @@ def record(engine: Engine, tenant: str, event: dict[str, Any]) -> None:
     engine.audit.append(tenant, [event])
 
 
-def record_server_wide(engine: Engine, code: str, display: str, description: str) -> None:
+def record_server_wide(engine: Engine, code: str, description: str) -> None:
     """An event of the whole server (a tenant deleted, the master key rotated), in the server's own log."""
     from fhir_server.storage.tenants import TenantNotFound
 
     tenant = engine.settings.audit_server_tenant
     try:
-        record(engine, tenant, admin_event(tenant, code, display, description))
+        record(engine, tenant, admin_event(tenant, code, description))
     except TenantNotFound:
         click.echo(f"warning: the server's audit log (tenant {tenant}) is missing: run `fhir-server migrate`", err=True)
 
@@ -84,7 +83,7 @@ def audit_verify(tenant_name: str, grace_seconds: int) -> None:
                f"{report.pending} waiting to be chained")
     outcome = "0" if report.ok else "4"
     description = summary if report.ok else f"{summary}; {report.findings[0].message}"
-    record(engine, tenant_name, ae.log_use_event("verify", "Audit log verified", description, operator(),
+    record(engine, tenant_name, ae.log_use_event("verify", description, operator(),
                                                   ae.Place(tenant_name), export=False, outcome=outcome))
     if report.ok:
         click.echo(f"{summary}: the log is intact")
@@ -98,15 +97,20 @@ def audit_verify(tenant_name: str, grace_seconds: int) -> None:
 @audit.command("chain")
 @click.option("--tenant", "tenant_name", required=True)
 def audit_chain(tenant_name: str) -> None:
-    """Chain the records waiting (a server that was killed may leave some) and sign a checkpoint now."""
+    """Chain and index the records waiting (a server that was killed may leave some; a busy one leaves indexing for
+    idle moments) and sign a checkpoint now."""
     from fhir_server.storage.tenants import TenantNotFound
 
     engine = _engine()
+    log = engine.storage.audit_log
     try:
-        n = engine.storage.audit_log.chain(tenant_name, checkpoint=True)
+        n = log.chain(tenant_name, checkpoint=True) or 0
+        indexed = 0
+        while (done := log.index(tenant_name)) > 0:
+            indexed += done
     except TenantNotFound:
         raise click.ClickException(f"no tenant {tenant_name!r}") from None
-    click.echo(f"tenant {tenant_name}: {n} records chained; checkpoint signed")
+    click.echo(f"tenant {tenant_name}: {n} records chained, {indexed} indexed; checkpoint signed")
 
 
 @audit.command("export")
@@ -132,7 +136,7 @@ def audit_export(tenant_name: str, since: str | None, until: str | None, fmt: st
     finally:
         if output:
             sink.close()
-        record(engine, tenant_name, ae.log_use_event("export", "Audit log exported", f"{count} records exported ({fmt})",
+        record(engine, tenant_name, ae.log_use_event("export", f"{count} records exported ({fmt})",
                                                       operator(), ae.Place(tenant_name), export=True, query=query))
     click.echo(f"tenant {tenant_name}: {count} records exported", err=True)
 

@@ -33,16 +33,16 @@ def _store(tenant: str) -> Iterator[AuthStore]:
         storage.db.dispose()
 
 
-def _record(store: AuthStore, tenant: str, code: str, display: str, description: str, *, user: bool = False,
+def _record(store: AuthStore, tenant: str, code: str, description: str, *, user: bool = False,
             patient: str | None = None) -> None:
     """The command's AuditEvent, committed with what it changed."""
     from fhir_server.cli_audit import admin_event
-    from fhir_server.security.audit_events import patient_entity
+    from fhir_server.security import audit_events as ae
 
-    event = admin_event(tenant, code, display, description,
-                        dicom=("110137", "User Security Attributes Changed") if user else ("110129", "Security Configuration"))
+    event = admin_event(tenant, code, description,
+                        dicom=ae.USER_SECURITY_ATTRIBUTES_CHANGED if user else ae.SECURITY_CONFIGURATION)
     if patient is not None:
-        event.setdefault("entity", []).append(patient_entity(patient))
+        event.setdefault("entity", []).append(ae.patient_entity(patient))
     store.repo.pending_audit.append(event)
 
 
@@ -101,7 +101,7 @@ def clients_create(tenant: str, name: str, scope: str, redirect_uris: tuple[str,
     with _store(tenant) as store:
         client_id, client_secret = store.create_client(name=name, kind=kind, scope=str(scopes), redirect_uris=list(redirect_uris),
                                                        jwks=jwks, jwks_uri=jwks_uri)
-        _record(store, tenant, "client-registered", "Client registered", f"client {client_id} ({kind}) registered for {scopes}")
+        _record(store, tenant, "client-registered", f"client {client_id} ({kind}) registered for {scopes}")
     out: dict[str, Any] = {"client_id": client_id, "name": name, "kind": kind, "scope": str(scopes),
                            "redirect_uris": list(redirect_uris)}
     if client_secret:
@@ -127,7 +127,7 @@ def clients_disable(tenant: str, client_id: str) -> None:
     with _store(tenant) as store:
         if not store.deactivate_client(client_id):
             raise click.ClickException(f"no client {client_id!r}")
-        _record(store, tenant, "client-disabled", "Client disabled", f"client {client_id} disabled and its tokens revoked")
+        _record(store, tenant, "client-disabled", f"client {client_id} disabled and its tokens revoked")
     click.echo(f"client {client_id} disabled; its tokens are revoked")
 
 
@@ -158,7 +158,7 @@ def users_create(tenant: str, username: str, fhir_user: str | None, roles: tuple
             raise click.ClickException(f"user {username!r} exists")
         store.create_user(username=username, password_hash=passwords.hash_password(password), fhir_user=fhir_user,
                           roles=list(roles), mfa_required=require_mfa)
-        _record(store, tenant, "user-created", "User created", f"user {username} created with roles "
+        _record(store, tenant, "user-created", f"user {username} created with roles "
                 f"{', '.join(roles) or '(none)'}{', second factor required' if require_mfa else ''}", user=True)
     _print({"username": username, "fhirUser": fhir_user, "roles": list(roles), "mfa_required": require_mfa})
 
@@ -184,7 +184,7 @@ def users_set_password(tenant: str, username: str, password_stdin: bool) -> None
     with _store(tenant) as store:
         if not store.set_password(username, passwords.hash_password(password)):
             raise click.ClickException(f"no user {username!r}")
-        _record(store, tenant, "user-password-set", "User password set", f"password of user {username} set", user=True)
+        _record(store, tenant, "user-password-set", f"password of user {username} set", user=True)
     click.echo(f"password of {username} set")
 
 
@@ -197,7 +197,7 @@ def users_disable(tenant: str, username: str, enable: bool) -> None:
     with _store(tenant) as store:
         if not store.set_user_active(username, enable):
             raise click.ClickException(f"no user {username!r}")
-        _record(store, tenant, "user-enabled" if enable else "user-disabled", "User enabled" if enable else "User disabled",
+        _record(store, tenant, "user-enabled" if enable else "user-disabled",
                 f"user {username} {'enabled' if enable else 'disabled; their tokens revoked'}", user=True)
     click.echo(f"user {username} {'enabled' if enable else 'disabled; their tokens are revoked'}")
 
@@ -219,7 +219,7 @@ def users_mfa_enroll(tenant: str, username: str) -> None:
         if store.user(username) is None:
             raise click.ClickException(f"no user {username!r}")
         store.set_mfa_secret(username, secret, required=True)
-        _record(store, tenant, "user-mfa-enrolled", "Second factor enrolled", f"user {username} given a new TOTP secret",
+        _record(store, tenant, "user-mfa-enrolled", f"user {username} given a new TOTP secret",
                 user=True)
     _print({"username": username, "otpauth_uri": passwords.totp_uri(secret, username, f"fhir-server {tenant}"), "secret": secret})
 
@@ -231,7 +231,7 @@ def tenants_require_mfa(tenant: str, off: bool) -> None:
     """Require TOTP multi-factor authentication of every user of the tenant."""
     with _store(tenant) as store:
         store.set_tenant_mfa(not off)
-        _record(store, tenant, "tenant-mfa", "Multi-factor authentication policy",
+        _record(store, tenant, "tenant-mfa",
                 f"every user must pass a second factor: {'no' if off else 'yes'}")
     click.echo(f"tenant {tenant}: multi-factor authentication {'not ' if off else ''}required")
 
@@ -257,7 +257,7 @@ def launch_create(tenant: str, patient: str, encounter: str | None, app_launch_u
                 if found is None or found.deleted:
                     raise click.ClickException(f"no {rtype}/{rid} in tenant {tenant}")
         launch_id = store.create_launch(context, created_by="fhir-server launch create")
-        _record(store, tenant, "launch-created", "EHR launch created", "an EHR launch context was made for a patient",
+        _record(store, tenant, "launch-created", "an EHR launch context was made for a patient",
                 patient=patient)
     out: dict[str, Any] = {"launch": launch_id, **context}
     if app_launch_url:

@@ -2,15 +2,19 @@
 
 - A write interaction's AuditEvent is appended in the transaction of its data (``Storage.before_commit``):
   both commit, or neither.
-- A read's (and a failure's) is committed before ``Engine.handle`` returns, by a group commit: the threads of a
-  process that finish at the same time share one transaction per tenant. If it cannot be written, the
-  interaction fails (503): nothing leaves unaudited.
+- A read's is committed before its answer leaves: on PostgreSQL by one statement on the read's own connection
+  (PostgreSQL's commits of concurrent readers share their WAL flushes); otherwise, and for failures, by a group
+  commit (the threads of a process that finish at the same time share one transaction per tenant), after a
+  request's read session has given its connection back. If it cannot be written, the interaction fails (503):
+  nothing leaves unaudited.
 - Events of the authorization server and the command line are queued on the unit of work they concern
   (``repo.pending_audit``) and go into its transaction the same way.
 
-Each AuditEvent is stored as a resource of its tenant (indexed like any other, so ``AuditEvent?patient=``
-works) with a pending row for the chain (``storage/audit_log.py``); after the commit the process's chainer is
-kicked, the monitoring rules' alerts are logged, and each record is mirrored to the sink, if one is set.
+Each AuditEvent is stored as a resource of its tenant with a pending row for the chain (``storage/audit_log.py``);
+after the commit the process's chainer is kicked, the monitoring rules' alerts are logged, and each record is
+mirrored to the sink, if one is set. The chainer chains records within moments, and writes their search index
+(``index``) when the process is idle, or falls too far behind; a search of AuditEvents catches up first, so it
+finds every record committed before it (``catch_up``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, tuple_
 
 from fhir_server.engine import auditing, compartments
+from fhir_server.engine.audit_index import AuditIndexer
 from fhir_server.engine.auditing import COMMITTING, DEFERRED, LOST, OPEN, RECORDED, Interaction
 from fhir_server.engine.resources import stamp
 from fhir_server.errors import ServiceUnavailable
@@ -34,7 +39,8 @@ from fhir_server.security import audit_chain
 from fhir_server.security.audit_events import current_origin
 from fhir_server.security.audit_monitor import Monitor
 from fhir_server.storage import audit_log, schema
-from fhir_server.storage.repository import ResourceRepository, WriteItem
+from fhir_server.clock import now_us
+from fhir_server.storage.repository import ResourceRepository
 from fhir_server.storage.tenants import TenantNotFound
 
 if TYPE_CHECKING:
@@ -59,6 +65,7 @@ class AuditTrail:
         self._group = GroupCommit(self._commit)
         self._chain_keys: dict[int, tuple[bytes, bytes]] = {}
         self.storage.before_commit = self._before_commit
+        self.storage.audit_log.indexer = AuditIndexer(engine)
 
     # --- the engine's side ---------------------------------------------------------------------------------
 
@@ -67,6 +74,7 @@ class AuditTrail:
         Bundle, or from another door)."""
         if not self.enabled:
             return None, None
+        self.storage.audit_log.busy()  # the chainer indexes when nothing else is going on
         act = auditing.current()
         if act is not None and not act.attached and act.tenant == req.tenant:
             act.attach(req)
@@ -116,16 +124,27 @@ class AuditTrail:
             outer.pending_audit.append(event)
             act.state = RECORDED
             return
+        shared = self.storage.shared_read(act.tenant)
+        if shared is not None and shared.conn.info.get("fhir_autocommit"):
+            # PostgreSQL: one statement on the read's own connection, a transaction of its own.
+            self._commit_record(act, event, strict=strict, repo=shared)
+            return
         if self.storage.after_shared_reads(act.tenant, lambda: self._commit_record(act, event, strict=strict)):
             act.state = DEFERRED  # committed when the request's read session ends, before its answer leaves
             return
         self._commit_record(act, event, strict=strict)
 
-    def _commit_record(self, act: Interaction, event: dict[str, Any], *, strict: bool) -> None:
-        """Commit an interaction's record now; when it cannot be, AuditUnavailable (``strict``: the record of a success,
-        whose answer must then not leave), or a log line (the record of a failure: the failure stands)."""
+    def _commit_record(self, act: Interaction, event: dict[str, Any], *, strict: bool,
+                       repo: ResourceRepository | None = None) -> None:
+        """Commit an interaction's record now (on ``repo``'s autocommit connection, or by a group commit); when it
+        cannot be, AuditUnavailable (``strict``: the record of a success, whose answer must then not leave), or a
+        log line (the record of a failure: the failure stands)."""
         try:
-            self.append(act.tenant, [event])
+            if repo is not None:
+                written, alerts = self.append_in(repo, [event])
+                self._after_commit(act.tenant, written, alerts)
+            else:
+                self.append(act.tenant, [event])
         except TenantNotFound:
             act.state = LOST  # no such tenant: no log to write to (the answer says so)
             return
@@ -179,21 +198,24 @@ class AuditTrail:
         return after
 
     def append_in(self, repo: ResourceRepository, events: list[dict[str, Any]]) -> tuple[list[tuple[str, bytes]], list[dict[str, Any]]]:
-        """Store AuditEvents in an open write unit of work, with their index rows and their pending chain rows
-        (and the alerts the monitoring rules raise on them). Returns (id, stored bytes) of each, and the alerts."""
+        """Store AuditEvents (sealed) with their pending chain rows in an open unit of work, with the alerts the
+        monitoring rules raise on them. Returns (id, stored bytes) of each, and the alerts."""
         alerts = self.monitor.evaluate(repo, events)
-        ctx = self.engine.contexts.for_repo(repo)
-        local = f"/fhir/{repo.tenant.name}/"
-        items = []
-        for event in [*events, *alerts]:
-            index: IndexEntries = ctx.extractor.extract(event, local_path=local)
-            items.append(WriteItem(AUDIT_EVENT, event["id"], _builder(event), "POST", index, create_only=True))
-        results = repo.write_many(items)
         key = self._chain_key(repo)
-        written = [(r.record.res_id, r.record.body or b"") for r in results]
-        audit_log.add_pending(repo.conn, repo.tenant.id, [
-            (r.record.res_id, r.record.last_updated, audit_chain.record_digest(key, r.record.body or b"")) for r in results])
+        now = now_us()
+        written, records = [], []
+        for event in [*events, *alerts]:
+            body = stamp(event, event["id"], 1, now)
+            key_version, sealed = repo.sealer.seal_resource(AUDIT_EVENT, event["id"], 1, body)
+            records.append(audit_log.Record(event["id"], now, key_version, sealed, audit_chain.record_digest(key, body)))
+            written.append((event["id"], body))
+        audit_log.store_records(repo.conn, repo.tenant.id, records)
         return written, alerts
+
+    def catch_up(self, tenant: str) -> None:
+        """Before AuditEvents are searched: chain and index every record committed so far."""
+        if self.enabled:
+            self.storage.audit_log.catch_up(tenant)
 
     def _after_commit(self, tenant: str, written: list[tuple[str, bytes]], alerts: list[dict[str, Any]]) -> None:
         self.storage.audit_log.kick(tenant)
@@ -243,10 +265,6 @@ class AuditTrail:
                 ref.c.target_id.is_not(None), tuple_(ref.c.res_type, ref.c.res_id).in_(keys[start:start + 500])))
             found.update(r.target_id for r in rows)
         return found
-
-
-def _builder(event: dict[str, Any]) -> Callable[[int, int], bytes]:
-    return lambda version, last_updated: stamp(event, event["id"], version, last_updated)
 
 
 @dataclass

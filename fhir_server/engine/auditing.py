@@ -10,10 +10,11 @@ gets the answer.
 
 from __future__ import annotations
 
-import json
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
+
+import orjson
 
 from fhir_server.errors import FhirError, MethodNotAllowed
 from fhir_server.security.access import AccessContext
@@ -152,7 +153,7 @@ def note_record(engine: Engine, rec: VersionRecord, body: dict[str, Any] | None 
     if resource:
         act.note(rec.res_type, rec.res_id, rec.version)
     if body is None and rec.body is not None:
-        body = json.loads(rec.body)
+        body = orjson.loads(rec.body)
     if body is not None:
         for pid in engine.audit.patients_in(rec.res_type, rec.res_id, body, act.base_url):
             act.patients.setdefault(pid)

@@ -19,6 +19,7 @@ from sqlalchemy import func, or_, and_, select
 from fhir_server import fhirjson
 from fhir_server.clock import instant, now_us
 from fhir_server.engine import auditing, authorization
+from fhir_server.engine.auditing import AUDIT_EVENT
 from fhir_server.engine.paging import CURSOR_PARAM, page_url
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.subsetting import subset
@@ -89,7 +90,10 @@ def search(
 ) -> FhirResponse:
     """Search ``types`` with the query ``pairs``; ``extra`` adds clauses per type (compartments), and
     ``path`` is the URL path the links repeat (default: the type, or the base for system search)."""
-    with engine.storage.session(req.tenant, write=False) as repo:
+    of_the_log = AUDIT_EVENT in types or any(k in ("_include", "_revinclude") and AUDIT_EVENT in v for k, v in pairs)
+    if of_the_log:
+        engine.audit.catch_up(req.tenant)  # AuditEvents are indexed after they are chained: catch up first
+    with engine.storage.session(req.tenant, write=False, shared=not of_the_log) as repo:  # (one that sees it)
         ctx = engine.contexts.for_repo(repo)  # the tenant's parameters, custom ones included
         if not req.access.internal:  # what the access allows is part of the query (never a filter afterwards)
             extra = dict(extra or {})

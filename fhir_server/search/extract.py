@@ -15,6 +15,7 @@ were cut short), ``ph`` phonetic key, ``u`` uri, ``ub`` uri below-prefix.
 from __future__ import annotations
 
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation, localcontext
@@ -183,15 +184,16 @@ def to_decimal(value: Any) -> Decimal | None:
 class Extractor:
     def __init__(self, params: ParameterSource) -> None:
         self.params = params
-        self._resource: dict[str, Any] = {}
-        self._local_path: str | None = None
+        # The resource being extracted and its local path, per thread: one extractor serves every thread of a worker
+        # (request threads, and the audit chainer), which would otherwise see each other's.
+        self._call = threading.local()
 
     def extract(self, resource: dict[str, Any], *, local_path: str | None = None) -> IndexEntries:
         """Index entries of ``resource``; ``local_path`` ("/fhir/{tenant}/") marks absolute references to
         this server's own resources, which are indexed as local (type and id) as well as by URL."""
         entries = IndexEntries()
-        self._local_path = local_path
-        self._resource = resource  # composites evaluate %resource expressions against it
+        self._call.local_path = local_path
+        self._call.resource = resource  # composites evaluate %resource expressions against it
         rtype = resource.get("resourceType", "")
         for param in self.params.indexed(rtype):
             values: list[Typed] = []
@@ -228,7 +230,7 @@ class Extractor:
 
     def _composite(self, out: IndexEntries, p: SearchParam, root: Typed) -> None:
         """One composite value per root (the resource, or e.g. each Observation.component)."""
-        resource = self._resource
+        resource = self._call.resource
         first, rest = p.components[0], p.components[1:]
         firsts = first.evaluate(resource, root)
         m1s = list(dict.fromkeys(
@@ -379,8 +381,9 @@ class Extractor:
         if not isinstance(ref, str) or ref.startswith("#") or not ref:
             return
         target_type, target_id, ref_version, url = parse_reference(ref)
-        if url is not None and self._local_path and self._local_path in url:
-            local_type, local_id, local_version, _ = parse_reference(url.split(self._local_path, 1)[1])
+        local_path = getattr(self._call, "local_path", None)
+        if url is not None and local_path and local_path in url:
+            local_type, local_id, local_version, _ = parse_reference(url.split(local_path, 1)[1])
             if local_type and local_id:
                 target_type, target_id, ref_version = local_type, local_id, local_version or ref_version
         if target_type is None and url is None:

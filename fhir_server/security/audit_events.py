@@ -47,6 +47,11 @@ USERNAME = "urn:fhir-server:username"
 OS_USER = "urn:fhir-server:os-user"
 GRANT = "urn:fhir-server:grant"
 
+# DICOM subtypes of a Security Alert (DCM 110113)
+SECURITY_CONFIGURATION = "110129"
+USER_SECURITY_ATTRIBUTES_CHANGED = "110137"
+EMERGENCY_OVERRIDE_STARTED = "110127"
+
 SERVER_NAME = "fhir-server"
 MAX_DESCRIPTION = 1000
 
@@ -106,11 +111,10 @@ class Place:
     base_url: str | None = None
 
 
-def coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
-    out = {"system": system, "code": code}
-    if display:
-        out["display"] = display
-    return out
+def coding(system: str, code: str) -> dict[str, str]:
+    """A coding, without its display: BALP leaves displays out, and every one would be indexed for :text searches
+    of every record. The codes' meanings are in this module and in docs/audit.md."""
+    return {"system": system, "code": code}
 
 
 def outcome_code(status: int) -> str:
@@ -119,33 +123,33 @@ def outcome_code(status: int) -> str:
 
 
 def resource_entity(reference: str) -> dict[str, Any]:
-    return {"what": {"reference": reference}, "type": coding(ENTITY_TYPE, "2", "System Object"),
-            "role": coding(OBJECT_ROLE, "4", "Domain Resource")}
+    return {"what": {"reference": reference}, "type": coding(ENTITY_TYPE, "2"),
+            "role": coding(OBJECT_ROLE, "4")}
 
 
 def patient_entity(patient_id: str) -> dict[str, Any]:
-    return {"what": {"reference": f"Patient/{patient_id}"}, "type": coding(ENTITY_TYPE, "1", "Person"),
-            "role": coding(OBJECT_ROLE, "1", "Patient")}
+    return {"what": {"reference": f"Patient/{patient_id}"}, "type": coding(ENTITY_TYPE, "1"),
+            "role": coding(OBJECT_ROLE, "1")}
 
 
 def query_entity(request_line: str) -> dict[str, Any]:
-    return {"type": coding(ENTITY_TYPE, "2", "System Object"), "role": coding(OBJECT_ROLE, "24", "Query"),
+    return {"type": coding(ENTITY_TYPE, "2"), "role": coding(OBJECT_ROLE, "24"),
             "query": base64.b64encode(request_line.encode()).decode()}
 
 
 def request_entity(request_id: str) -> dict[str, Any]:
     return {"what": {"identifier": {"value": request_id}},
-            "type": coding(BALP_ENTITY, "XrequestId", "transport specific unique identifier where http X-Request-Id is used")}
+            "type": coding(BALP_ENTITY, "XrequestId")}
 
 
 def grant_entity(grant_id: str) -> dict[str, Any]:
-    return {"what": {"identifier": {"system": GRANT, "value": grant_id}}, "type": coding(ENTITY_TYPE, "2", "System Object"),
-            "role": coding(OBJECT_ROLE, "13", "Security Resource")}
+    return {"what": {"identifier": {"system": GRANT, "value": grant_id}}, "type": coding(ENTITY_TYPE, "2"),
+            "role": coding(OBJECT_ROLE, "13")}
 
 
 def event_entity(event_id: str) -> dict[str, Any]:
-    return {"what": {"reference": f"AuditEvent/{event_id}"}, "type": coding(ENTITY_TYPE, "2", "System Object"),
-            "role": coding(OBJECT_ROLE, "13", "Security Resource")}
+    return {"what": {"reference": f"AuditEvent/{event_id}"}, "type": coding(ENTITY_TYPE, "2"),
+            "role": coding(OBJECT_ROLE, "13")}
 
 
 def rest_event(kind: str, status: int, description: str | None, actor: Actor, place: Place, *, resources: list[str],
@@ -164,7 +168,7 @@ def rest_event(kind: str, status: int, description: str | None, actor: Actor, pl
     if pattern is not None and outcome == "0" and (resources or pattern == "Query"):
         profile = f"{BALP_PROFILE}{'Patient' if len(patients) == 1 else ''}{pattern}"
     client_type, server_type, user_type = _agent_types(pattern or ("Read" if action == "R" else "Query"))
-    event = _event(coding(EVENT_TYPE, "rest", "RESTful Operation"), [coding(RESTFUL, kind)], action, outcome, description,
+    event = _event(coding(EVENT_TYPE, "rest"), [coding(RESTFUL, kind)], action, outcome, description,
                    _agents(actor, place, client_type, server_type, user_type), _source(place, "4"), entities, profile)
     return event
 
@@ -172,14 +176,14 @@ def rest_event(kind: str, status: int, description: str | None, actor: Actor, pl
 def _agent_types(pattern: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """(client, server, user) agent types of a BALP pattern. BALP's Read names the client the destination of the
     data, its Query, Create and Update the source of the request; Delete the application and the custodian."""
-    source, destination = coding(DCM, "110153", "Source Role ID"), coding(DCM, "110152", "Destination Role ID")
-    recipient, author = coding(PARTICIPATION, "IRCP", "information recipient"), coding(PARTICIPATION, "AUT", "author (originator)")
+    source, destination = coding(DCM, "110153"), coding(DCM, "110152")
+    recipient, author = coding(PARTICIPATION, "IRCP"), coding(PARTICIPATION, "AUT")
     if pattern == "Read":
         return destination, source, recipient
     if pattern == "Query":
         return source, destination, recipient
     if pattern == "Delete":
-        return coding(DCM, "110150", "Application"), coding(PROVENANCE_PARTICIPANT, "custodian", "Custodian"), author
+        return coding(DCM, "110150"), coding(PROVENANCE_PARTICIPANT, "custodian"), author
     return source, destination, author  # Create, Update
 
 
@@ -187,38 +191,36 @@ def auth_event(subtype: list[dict[str, str]], status: int, description: str | No
                grant_id: str | None = None, request_id: str | None = None, alert: bool = False) -> dict[str, Any]:
     """User authentication (logins, second factors, token grants, refreshes, revocations) or, with ``alert``, a
     security alert of the authorization server (an account locked)."""
-    event_type = coding(DCM, "110113", "Security Alert") if alert else coding(DCM, "110114", "User Authentication")
+    event_type = coding(DCM, "110113") if alert else coding(DCM, "110114")
     entities = [grant_entity(grant_id)] if grant_id else []
     if request_id:
         entities.append(request_entity(request_id))
-    client_type = coding(DCM, "110150", "Application")
-    server_type = coding("https://profiles.ihe.net/ITI/BALP/CodeSystem/UserAgentTypes", "AuthzOauthService",
-                         "OAuth Authorization Server")
+    client_type = coding(DCM, "110150")
+    server_type = coding("https://profiles.ihe.net/ITI/BALP/CodeSystem/UserAgentTypes", "AuthzOauthService")
     return _event(event_type, subtype, "E", outcome_code(status), description,
-                  _agents(actor, place, client_type, server_type, coding(PARTICIPATION, "IRCP", "information recipient")),
+                  _agents(actor, place, client_type, server_type, coding(PARTICIPATION, "IRCP")),
                   _source(place, "6"), entities, None)
 
 
-def security_event(code: str, display: str, description: str, actor: Actor, place: Place, *,
-                   dicom_subtype: tuple[str, str] = ("110129", "Security Configuration"),
+def security_event(code: str, description: str, actor: Actor, place: Place, *, dicom_subtype: str = SECURITY_CONFIGURATION,
                    entities: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A change to the security configuration (keys, tenants, users, clients) or a monitoring alert."""
-    subtypes = [coding(DCM, *dicom_subtype), coding(SUBTYPE, code, display)]
-    return _event(coding(DCM, "110113", "Security Alert"), subtypes, "E", "0", description,
-                  _agents(actor, place, coding(DCM, "110150", "Application"), None, coding(PARTICIPATION, "AUT", "author (originator)")),
+    subtypes = [coding(DCM, dicom_subtype), coding(SUBTYPE, code)]
+    return _event(coding(DCM, "110113"), subtypes, "E", "0", description,
+                  _agents(actor, place, coding(DCM, "110150"), None, coding(PARTICIPATION, "AUT")),
                   _source(place, "4"), entities or [], None)
 
 
-def log_use_event(code: str, display: str, description: str, actor: Actor, place: Place, *, export: bool,
+def log_use_event(code: str, description: str, actor: Actor, place: Place, *, export: bool,
                   query: str | None = None, outcome: str = "0") -> dict[str, Any]:
     """The audit log read at the command line: an export (DICOM 110106, a disclosure) or a verification (110101)."""
-    event_type = coding(DCM, "110106", "Export") if export else coding(DCM, "110101", "Audit Log Used")
-    subtypes = [coding(SUBTYPE, code, display)]
+    event_type = coding(DCM, "110106") if export else coding(DCM, "110101")
+    subtypes = [coding(SUBTYPE, code)]
     if export:
-        subtypes.insert(0, coding(LIFECYCLE, "disclose", "Disclose Record Lifecycle Event"))
+        subtypes.insert(0, coding(LIFECYCLE, "disclose"))
     entities = [query_entity(query)] if query else []
     return _event(event_type, subtypes, "R" if export else "E", outcome, description,
-                  _agents(actor, place, coding(DCM, "110153", "Source Role ID"), None, coding(PARTICIPATION, "IRCP", "information recipient")),
+                  _agents(actor, place, coding(DCM, "110153"), None, coding(PARTICIPATION, "IRCP")),
                   _source(place, "4"), entities, None)
 
 
@@ -238,9 +240,8 @@ def _event(event_type: dict[str, str], subtypes: list[dict[str, str]], action: s
 
 
 def _source(place: Place, source_type: str) -> dict[str, Any]:
-    display = {"4": "Application Server", "6": "Security Server"}[source_type]
     observer = {"display": f"{SERVER_NAME} {place.base_url}" if place.base_url else SERVER_NAME}
-    return {"site": place.tenant, "observer": observer, "type": [coding(SOURCE_TYPE, source_type, display)]}
+    return {"site": place.tenant, "observer": observer, "type": [coding(SOURCE_TYPE, source_type)]}
 
 
 def _agents(actor: Actor, place: Place, client_type: dict[str, str], server_type: dict[str, str] | None,
@@ -248,7 +249,7 @@ def _agents(actor: Actor, place: Place, client_type: dict[str, str], server_type
     has_user = bool(actor.username or actor.os_user)
     agents: list[dict[str, Any]] = []
     if actor.internal:
-        client: dict[str, Any] = {"type": {"coding": [coding(DCM, "110150", "Application")]},
+        client: dict[str, Any] = {"type": {"coding": [coding(DCM, "110150")]},
                                   "who": {"display": "fhir-server command line" if actor.os_user else SERVER_NAME},
                                   "requestor": not has_user}
     else:
@@ -261,10 +262,9 @@ def _agents(actor: Actor, place: Place, client_type: dict[str, str], server_type
         client["network"] = {"address": actor.address, "type": "2"}
     agents.append(client)
     if server_type is not None:
-        server: dict[str, Any] = {"type": {"coding": [server_type]}, "who": {"display": SERVER_NAME}, "requestor": False}
-        if place.base_url:
-            server["network"] = {"address": place.base_url, "type": "5"}
-        agents.append(server)
+        # The server's own base URL is source.observer's: as agent.network.address (BALP's server slice) it would be
+        # indexed on every record, for an address search that every record matches.
+        agents.append({"type": {"coding": [server_type]}, "who": {"display": SERVER_NAME}, "requestor": False})
     if has_user:
         agents.append(_user_agent(actor, user_type))
     return agents
@@ -281,8 +281,7 @@ def _user_agent(actor: Actor, user_type: dict[str, str]) -> dict[str, Any]:
     if actor.grant_id:
         user["policy"] = [_grant_uri(actor.grant_id)]
     if actor.purpose:
-        displays = {"BTG": "break the glass", "ETREAT": "Emergency Treatment", "TREAT": "treatment"}
-        user["purposeOfUse"] = [{"coding": [coding(ACT_REASON, p, displays.get(p))]} for p in actor.purpose]
+        user["purposeOfUse"] = [{"coding": [coding(ACT_REASON, p)]} for p in actor.purpose]
     return user
 
 

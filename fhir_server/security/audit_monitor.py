@@ -37,12 +37,7 @@ SECOND = 1_000_000
 RAISED = b""  # the item that marks "alert raised" for a subject and window
 PURGE_SECONDS = 600
 
-RULES = {
-    "failed-logins": "Repeated failed logins",
-    "many-patients": "One user read many patients' records",
-    "export": "Audit log or data exported",
-    "break-glass": "Emergency access (break the glass) granted",
-}
+RULES = ("failed-logins", "many-patients", "export", "break-glass")  # the alerts' subtype codes
 
 
 class Monitor:
@@ -81,7 +76,7 @@ class Monitor:
                                          + (f" ({self.exports} or more within {self.patient_window} s)" if self.exports > 1 else "")))
             if facts.break_glass:
                 alerts.append(_alert(event, "break-glass", "emergency access (break the glass) was granted",
-                                     dicom=("110127", "Emergency Override Started")))
+                                     dicom=ae.EMERGENCY_OVERRIDE_STARTED))
         self._purge_now_and_then(repo)
         return alerts
 
@@ -180,9 +175,10 @@ class _Facts:
 
 
 def _alert(trigger: dict[str, Any], rule: str, description: str, *,
-           dicom: tuple[str, str] = ("110113", "Security Alert")) -> dict[str, Any]:
+           dicom: str = "110113") -> dict[str, Any]:
     place = ae.Place(trigger.get("source", {}).get("site", ""))
-    alert = ae.security_event(rule, RULES[rule], description, ae.Actor(internal=True), place, dicom_subtype=dicom,
+    assert rule in RULES, rule
+    alert = ae.security_event(rule, description, ae.Actor(internal=True), place, dicom_subtype=dicom,
                               entities=[ae.event_entity(trigger["id"])])
     alert["agent"] = trigger["agent"]  # who raised it: the agents of the event that crossed the threshold
     alert["source"] = trigger["source"]

@@ -1,33 +1,41 @@
 """The audit log's tables: records waiting to be chained, the chain, its head and signed checkpoints.
 
 An AuditEvent is stored as a resource of its tenant (so it can be read and searched) and, in the same
-transaction, as a pending row with its digest. ``AuditLog.chain`` moves pending rows into the chain in one
-tenant-wide order: under the lock of the tenant's head row it gives each the next sequence number and its
-hash (``security/audit_chain.py``), updates the head and, now and then, signs a checkpoint. Chaining is
-asynchronous (a thread per process, kicked after each commit that added records), so that no write or read
-waits on the tenant-wide lock; a record is durable from the moment its interaction commits, and chained
-within milliseconds.
+transaction (on PostgreSQL, in the same statement), as a pending row with its digest. ``AuditLog.chain`` moves
+pending rows into the chain in one tenant-wide order: under the lock of the tenant's head row it gives each the
+next sequence number and its hash (``security/audit_chain.py``), updates the head and, now and then, signs a
+checkpoint. Chaining is asynchronous (a thread per process, kicked after each commit that added records, which
+lets them gather for a moment), so that no write or read waits on the tenant-wide lock: a record is durable from
+the moment its interaction commits, and chained within a fraction of a second.
+
+Chained records wait in ``audit_unindexed`` for their search index (extracted with the engine's ``indexer``),
+which the chainer writes when its process has been idle for a moment, or at once when too many wait: a record's
+index rows cost more than the read it records, and are not needed until someone searches the log; a search of
+AuditEvents catches up first (``catch_up``), so it finds every record committed before it.
 
 ``verify`` reads the whole log back and checks it; ``events`` streams the AuditEvents of a time range.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, and_, delete, exists, insert, select, tuple_, update
+from sqlalchemy import Connection, and_, delete, exists, insert, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server.clock import now_us
+from fhir_server.search.extract import IndexEntries
 from fhir_server.security import audit_chain
 from fhir_server.security.audit_chain import ChainRow, Checkpoint, ChainVerifier, Finding, Head
 from fhir_server.security.crypto import IntegrityError
-from fhir_server.storage import schema, tenants
+from fhir_server.storage import indexing, schema, tenants
 from fhir_server.storage.repository import ResourceRepository
 
 if TYPE_CHECKING:
@@ -36,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 P = schema.audit_pending
+U = schema.audit_unindexed
 L = schema.audit_log
 H = schema.audit_heads
 C = schema.audit_checkpoints
@@ -45,6 +54,10 @@ AUDIT_EVENT = "AuditEvent"
 SECOND = 1_000_000
 CHAIN_BATCH = 5000
 READ_BATCH = 1000
+CHAIN_DELAY = 0.2  # seconds the chainer lets records gather after it is kicked
+INDEX_BATCH = 200  # records indexed per transaction (small: an idle moment's work ends soon when requests come)
+IDLE_SECONDS = 0.25  # a process this long without an interaction is idle: its chainer indexes
+MAX_UNINDEXED = 20_000  # records a process lets wait for their index before it indexes them while busy
 
 
 def add_pending(conn: Connection, tenant_id: int, rows: list[tuple[str, int, bytes]]) -> None:
@@ -52,6 +65,78 @@ def add_pending(conn: Connection, tenant_id: int, rows: list[tuple[str, int, byt
     if rows:
         values = [{"tenant_id": tenant_id, "res_id": r, "recorded": t, "digest": d} for r, t, d in rows]
         conn.execute(insert(P), values if len(values) > 1 else values[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """An AuditEvent ready to store: its id, time, sealed body (and the key version that sealed it), and digest."""
+
+    res_id: str
+    recorded: int
+    key_version: int
+    sealed: bytes
+    digest: bytes
+
+
+# PostgreSQL: the resource row, its version and its pending chain row in ONE statement (atomic on its own: a
+# read's record is one round trip on the read's own connection).
+_PG_RECORD = (
+    "WITH r AS (INSERT INTO resources (tenant_id, res_type, res_id, version, last_updated, deleted, index_mask) "
+    "VALUES (%(tid)s, 'AuditEvent', %(id)s, 1, %(t)s, false, 0)), "
+    "v AS (INSERT INTO resource_versions (tenant_id, res_type, res_id, version, last_updated, method, deleted, key_version, "
+    "body) VALUES (%(tid)s, 'AuditEvent', %(id)s, 1, %(t)s, 'POST', false, %(kv)s, %(body)s)) "
+    "INSERT INTO audit_pending (tenant_id, res_id, recorded, digest) VALUES (%(tid)s, %(id)s, %(t)s, %(digest)s)"
+)
+_PG_RECORDS = text(
+    "WITH r AS (INSERT INTO resources (tenant_id, res_type, res_id, version, last_updated, deleted, index_mask) "
+    "  SELECT :tid, 'AuditEvent', i, 1, t, false, 0 FROM unnest(CAST(:ids AS text[]), CAST(:times AS bigint[])) AS x(i, t)), "
+    "v AS (INSERT INTO resource_versions (tenant_id, res_type, res_id, version, last_updated, method, deleted, key_version, body) "
+    "  SELECT :tid, 'AuditEvent', i, 1, t, 'POST', false, k, b FROM unnest(CAST(:ids AS text[]), CAST(:times AS bigint[]), "
+    "  CAST(:kvs AS integer[]), CAST(:bodies AS bytea[])) AS x(i, t, k, b)) "
+    "INSERT INTO audit_pending (tenant_id, res_id, recorded, digest) "
+    "SELECT :tid, i, t, d FROM unnest(CAST(:ids AS text[]), CAST(:times AS bigint[]), CAST(:digests AS bytea[])) AS x(i, t, d)"
+)
+
+
+def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> None:
+    """Store AuditEvents (resource, version, pending chain row), in the caller's transaction or, on PostgreSQL, as
+    one statement of its own. Their search index is written after they are chained."""
+    if not records:
+        return
+    if conn.dialect.name == "postgresql":
+        if len(records) == 1:  # every read's record: the driver's own execute, a third of SQLAlchemy's cost here
+            r = records[0]
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute(_PG_RECORD, {"tid": tenant_id, "id": r.res_id, "t": r.recorded, "kv": r.key_version,
+                                        "body": r.sealed, "digest": r.digest})
+            return
+        conn.execute(_PG_RECORDS, {"tid": tenant_id, "ids": [r.res_id for r in records], "times": [r.recorded for r in records],
+                                   "kvs": [r.key_version for r in records], "bodies": [r.sealed for r in records],
+                                   "digests": [r.digest for r in records]})
+        return
+    conn.execute(insert(R), [{"tenant_id": tenant_id, "res_type": AUDIT_EVENT, "res_id": r.res_id, "version": 1,
+                              "last_updated": r.recorded, "deleted": False, "index_mask": 0} for r in records])
+    conn.execute(insert(V), [{"tenant_id": tenant_id, "res_type": AUDIT_EVENT, "res_id": r.res_id, "version": 1,
+                              "last_updated": r.recorded, "method": "POST", "deleted": False, "key_version": r.key_version,
+                              "body": r.sealed} for r in records])
+    add_pending(conn, tenant_id, [(r.res_id, r.recorded, r.digest) for r in records])
+
+
+_CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash")
+_PG_CHAIN = (
+    "WITH l AS (INSERT INTO audit_log (tenant_id, seq, res_id, recorded, digest, prev_hash, hash) "
+    "  SELECT %(tid)s, * FROM unnest(%(seq)b::bigint[], %(res_id)b::text[], %(recorded)b::bigint[], %(digest)b::bytea[], "
+    "  %(prev_hash)b::bytea[], %(hash)b::bytea[])), "
+    "u AS (INSERT INTO audit_unindexed (tenant_id, res_id) SELECT %(tid)s, unnest(%(res_id)b::text[])), "
+    "p AS (DELETE FROM audit_pending WHERE tenant_id = %(tid)s AND res_id = ANY(%(res_id)b::text[])) "
+    "UPDATE audit_heads SET seq = %(head_seq)s, hash = %(head_hash)s, checkpoint_seq = %(cp_seq)s, checkpoint_at = %(cp_at)s "
+    "WHERE tenant_id = %(tid)s"
+)
+
+# Given stored AuditEvents (id, JSON), the index entries of each (the engine's extractor, with the tenant's
+# search parameters): set by the engine's audit trail.
+Indexer = Callable[[ResourceRepository, list[tuple[str, bytes]]], list[IndexEntries]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +162,16 @@ class AuditLog:
     def __init__(self, storage: Storage, policy: ChainPolicy) -> None:
         self.storage = storage
         self.policy = policy
+        self.indexer: Indexer | None = None
+        self._last_busy = 0.0
         self._chainer = _Chainer(self)
+
+    def busy(self) -> None:
+        """An interaction is under way in this process (the chainer leaves indexing for later)."""
+        self._last_busy = time.monotonic()
+
+    def idle(self) -> bool:
+        return time.monotonic() - self._last_busy >= IDLE_SECONDS
 
     def kick(self, tenant_name: str) -> None:
         """Chain the tenant's pending records soon, in this process's chainer thread."""
@@ -88,28 +182,49 @@ class AuditLog:
 
     # --- chaining --------------------------------------------------------------------------------------------
 
-    def chain(self, tenant_name: str, *, checkpoint: bool = False) -> int:
+    def chain(self, tenant_name: str, *, checkpoint: bool = False, wait: bool = True,
+              chained: list[str] | None = None) -> int | None:
         """Chain every pending record of the tenant now; with ``checkpoint``, sign one at the end if records were
-        chained since the last. Returns how many were chained."""
+        chained since the last. Returns how many were chained (their ids added to ``chained``); without ``wait``,
+        None when another process's chainer holds the tenant's head (it will chain them)."""
         total = 0
         while True:
-            with self.storage.session(tenant_name, write=True, audited=False) as repo:
-                n = self._chain_batch(repo, force_checkpoint=checkpoint)
+            with self.storage.session(tenant_name, write=True, audited=False, tenant_lock=False) as repo:
+                n = self._chain_batch(repo, force_checkpoint=checkpoint, wait=wait, chained=chained)
+            if n is None:
+                return None if not total else total
             total += n
             if n < CHAIN_BATCH:
                 return total
 
-    def _chain_batch(self, repo: ResourceRepository, *, force_checkpoint: bool) -> int:
+    def catch_up(self, tenant_name: str) -> None:
+        """Chain and index every record committed so far (before a search of the tenant's AuditEvents)."""
+        if self.has_waiting(tenant_name):
+            self.chain(tenant_name)
+            while self.index(tenant_name, wait=True) == INDEX_BATCH:
+                pass
+
+    def has_waiting(self, tenant_name: str) -> bool:
+        """Records wait to be chained or indexed."""
+        with self.storage.session(tenant_name, write=False) as repo:
+            tid = repo.tenant.id
+            return any(repo.conn.execute(select(t.c.res_id).where(t.c.tenant_id == tid).limit(1)).first() is not None
+                       for t in (P, U))
+
+    def _chain_batch(self, repo: ResourceRepository, *, force_checkpoint: bool, wait: bool,
+                     chained: list[str] | None) -> int | None:
         conn, tid = repo.conn, repo.tenant.id
-        head = self._lock_head(conn, tid)
+        head = self._lock_head(conn, tid, wait=wait)
+        if head is None:
+            return None
         pending = conn.execute(
             select(P.c.res_id, P.c.recorded, P.c.digest).where(P.c.tenant_id == tid)
             .order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)
         ).all()
         seq, prev = head.seq, head.hash
+        rows = []
         if pending:
             key = audit_chain.chain_key(repo.sealer.keys.index_key)
-            rows = []
             for p in pending:
                 seq += 1
                 digest = bytes(p.digest)
@@ -117,10 +232,8 @@ class AuditLog:
                 rows.append({"tenant_id": tid, "seq": seq, "res_id": p.res_id, "recorded": p.recorded, "digest": digest,
                              "prev_hash": prev, "hash": h})
                 prev = h
-            conn.execute(insert(L), rows if len(rows) > 1 else rows[0])
-            ids = [p.res_id for p in pending]
-            for start in range(0, len(ids), 500):
-                conn.execute(delete(P).where(P.c.tenant_id == tid, P.c.res_id.in_(ids[start:start + 500])))
+            if chained is not None:
+                chained.extend(p.res_id for p in pending)
         now = now_us()
         checkpoint_seq, checkpoint_at = head.checkpoint_seq, head.checkpoint_at
         due = seq > checkpoint_seq and (
@@ -133,23 +246,83 @@ class AuditLog:
                                           signature=signature))
             checkpoint_seq, checkpoint_at = seq, now
         if pending or due:
-            conn.execute(update(H).where(H.c.tenant_id == tid).values(
-                seq=seq, hash=prev, checkpoint_seq=checkpoint_seq, checkpoint_at=checkpoint_at))
+            self._write_chain(conn, tid, rows, _HeadRow(seq, prev, checkpoint_seq, checkpoint_at))
         return len(pending)
 
     @staticmethod
-    def _lock_head(conn: Connection, tid: int) -> _HeadRow:
-        """The tenant's head row, locked until the transaction ends (created on first use)."""
+    def _write_chain(conn: Connection, tid: int, rows: list[dict[str, Any]], head: _HeadRow) -> None:
+        """The chained records into the log and the index queue, out of the pending rows, and the new head."""
+        if conn.dialect.name == "postgresql":  # one statement, its arrays in binary (see storage/indexing.py)
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute(_PG_CHAIN, {"tid": tid, **{k: [r[k] for r in rows] for k in _CHAIN_COLUMNS},
+                                       "head_seq": head.seq, "head_hash": head.hash, "cp_seq": head.checkpoint_seq,
+                                       "cp_at": head.checkpoint_at})
+            return
+        if rows:
+            conn.execute(insert(L), rows)
+            conn.execute(insert(U), [{"tenant_id": tid, "res_id": r["res_id"]} for r in rows])
+            ids = [r["res_id"] for r in rows]
+            for start in range(0, len(ids), 500):
+                conn.execute(delete(P).where(P.c.tenant_id == tid, P.c.res_id.in_(ids[start:start + 500])))
+        conn.execute(update(H).where(H.c.tenant_id == tid).values(
+            seq=head.seq, hash=head.hash, checkpoint_seq=head.checkpoint_seq, checkpoint_at=head.checkpoint_at))
+
+    def index(self, tenant_name: str, limit: int = INDEX_BATCH, *, among: list[str] | None = None, wait: bool = False) -> int:
+        """Write the search index of up to ``limit`` chained records that wait for it (of those ``among``, if given);
+        how many were indexed. Records another process is indexing are skipped, unless ``wait``: then this waits
+        for that process to finish them (a search that catches up must see them)."""
+        if self.indexer is None:
+            raise RuntimeError("the audit log has no indexer: an Engine must be made over this storage")
+        with self.storage.session(tenant_name, write=True, audited=False) as repo:
+            conn, tid = repo.conn, repo.tenant.id
+            stmt = select(U.c.res_id).where(U.c.tenant_id == tid).order_by(U.c.res_id).limit(limit)  # (one lock order)
+            if among is not None:
+                stmt = stmt.where(U.c.res_id.in_(among))
+            if conn.dialect.name == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=not wait)  # several processes index side by side
+            ids = [r.res_id for r in conn.execute(stmt)]
+            if not ids:
+                return 0
+            stored: list[tuple[str, bytes]] = []
+            masks: dict[str, int] = {}
+            rows = conn.execute(
+                select(V.c.res_id, V.c.key_version, V.c.body, R.c.index_mask)
+                .select_from(V.join(R, and_(R.c.tenant_id == V.c.tenant_id, R.c.res_type == V.c.res_type, R.c.res_id == V.c.res_id)))
+                .where(V.c.tenant_id == tid, V.c.res_type == AUDIT_EVENT, V.c.version == 1, V.c.res_id.in_(ids))
+            ).all()
+            for r in rows:  # an AuditEvent whose body is gone or altered is left for verify to report
+                try:
+                    stored.append((r.res_id, repo.sealer.open_resource(AUDIT_EVENT, r.res_id, 1, r.key_version, bytes(r.body))))
+                except IntegrityError:
+                    continue
+                masks[r.res_id] = r.index_mask
+            entries = self.indexer(repo, stored) if stored else []
+            indexing.write_many(conn, repo.sealer.keys, [(AUDIT_EVENT, rid, e, masks[rid]) for (rid, _), e in zip(stored, entries)])
+            by_mask: dict[int, list[str]] = {}
+            for (rid, _), e in zip(stored, entries):
+                by_mask.setdefault(e.mask(), []).append(rid)
+            for mask, rids in by_mask.items():
+                conn.execute(update(R).where(R.c.tenant_id == tid, R.c.res_type == AUDIT_EVENT, R.c.res_id.in_(rids))
+                             .values(index_mask=mask))
+            conn.execute(delete(U).where(U.c.tenant_id == tid, U.c.res_id.in_(ids)))
+            return len(ids)
+
+    @staticmethod
+    def _lock_head(conn: Connection, tid: int, *, wait: bool = True) -> _HeadRow | None:
+        """The tenant's head row, locked until the transaction ends (created on first use); without ``wait``, None
+        when another transaction holds it."""
         stmt = select(H.c.seq, H.c.hash, H.c.checkpoint_seq, H.c.checkpoint_at).where(H.c.tenant_id == tid)
         postgres = conn.dialect.name == "postgresql"
-        if postgres:
-            stmt = stmt.with_for_update()
-        row = conn.execute(stmt).first()
+        locking = stmt.with_for_update(skip_locked=not wait) if postgres else stmt
+        row = conn.execute(locking).first()
         if row is None:
             values = {"tenant_id": tid, "seq": 0, "hash": audit_chain.GENESIS, "checkpoint_seq": 0, "checkpoint_at": now_us()}
             dialect_insert = postgresql.insert if postgres else sqlite.insert
-            conn.execute(dialect_insert(H).values(**values).on_conflict_do_nothing())
-            row = conn.execute(stmt).one()
+            created = conn.execute(dialect_insert(H).values(**values).on_conflict_do_nothing().returning(H.c.tenant_id)).first()
+            if created is None and not wait:
+                return None  # it exists: another chainer holds it
+            row = conn.execute(stmt.with_for_update() if postgres else stmt).one()
         return _HeadRow(row.seq, bytes(row.hash), row.checkpoint_seq, row.checkpoint_at)
 
     # --- reading back ----------------------------------------------------------------------------------------
@@ -263,13 +436,15 @@ class _HeadRow:
 
 
 class _Chainer:
-    """A thread per process that chains the tenants it is told about, soon after their records commit, and signs
-    a checkpoint for each of them when one is due and nothing else happens."""
+    """A thread per process: it chains the tenants it is told about, a moment after their records commit (letting
+    them gather), indexes the records it chained when its process is idle (or everything waiting, when too much
+    waits), and signs a checkpoint for each tenant when one is due and nothing else happens."""
 
     def __init__(self, log_: AuditLog) -> None:
         self.log = log_
         self._dirty: set[str] = set()
-        self._known: set[str] = set()
+        self._chained: dict[str, list[str]] = {}  # what this process chained and has not indexed yet, by tenant
+        self._sweep: set[str] = set()  # tenants where too much waits: index whatever waits, busy or not
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -294,29 +469,64 @@ class _Chainer:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        idle_for = max(1, self.log.policy.checkpoint_seconds)
+        tick = max(1, self.log.policy.checkpoint_seconds)
         while True:
             with self._cond:
                 if not self._dirty and not self._stopping:
-                    self._cond.wait(timeout=idle_for)
+                    backlog = any(self._chained.values()) or bool(self._sweep)
+                    self._cond.wait(timeout=IDLE_SECONDS if backlog else tick)
                 if self._stopping and not self._dirty:
                     return
+                gather = bool(self._dirty) and not self._stopping
+            if gather:
+                time.sleep(CHAIN_DELAY)  # kicks keep coming while records gather: one transaction chains them all
+            with self._cond:
                 todo, self._dirty = self._dirty, set()
-                timed_out = not todo
-                if timed_out:
-                    todo = set(self._known)
-            for name in sorted(todo):
-                try:
-                    self.log.chain(name, checkpoint=timed_out)
-                    self._known.add(name)
-                except tenants.TenantNotFound:
-                    self._known.discard(name)
-                except Exception as exc:  # noqa: BLE001 - retried (backing off); the records are safe meanwhile
-                    self._failures += 1
-                    log.error("audit chaining failed", extra={"tenant": name, "error_type": type(exc).__name__,
-                                                              "failures": self._failures})
-                    with self._cond:
-                        self._dirty.add(name)
-                        self._cond.wait(timeout=min(30, 2 ** min(self._failures, 5)))
-                else:
-                    self._failures = 0
+            timed_out = not todo
+            for name in sorted(todo or set(self._chained)):
+                self._guarded(name, functools.partial(self._chain, name, checkpoint=timed_out))
+            for name in sorted(set(self._chained) | self._sweep):
+                if self._sweep or self.log.idle():
+                    self._guarded(name, functools.partial(self._index, name))
+
+    def _chain(self, name: str, *, checkpoint: bool) -> None:
+        chained = self._chained.setdefault(name, [])
+        if self.log.chain(name, checkpoint=checkpoint, wait=False, chained=chained) is None:
+            with self._cond:  # another process's chainer holds the head: try again in a moment
+                self._dirty.add(name)
+            time.sleep(CHAIN_DELAY)
+        if len(chained) > MAX_UNINDEXED:
+            self._sweep.add(name)
+            chained.clear()
+
+    def _index(self, name: str) -> None:
+        """Index batch by batch while the process stays idle (or, in a sweep, until nothing waits)."""
+        while not self._stopping and not self._dirty:
+            if name in self._sweep:
+                if self.log.index(name) < INDEX_BATCH:
+                    self._sweep.discard(name)
+                    self._chained.get(name, []).clear()
+                    return
+                continue
+            mine = self._chained.get(name)
+            if not mine or not self.log.idle():
+                return
+            batch = mine[:INDEX_BATCH]
+            self.log.index(name, among=batch)
+            del mine[:len(batch)]
+
+    def _guarded(self, name: str, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except tenants.TenantNotFound:
+            self._chained.pop(name, None)
+            self._sweep.discard(name)
+        except Exception as exc:  # noqa: BLE001 - retried (backing off); the records are safe meanwhile
+            self._failures += 1
+            log.error("audit chaining failed", extra={"tenant": name, "error_type": type(exc).__name__,
+                                                      "failures": self._failures})
+            with self._cond:
+                self._dirty.add(name)
+                self._cond.wait(timeout=min(30, 2 ** min(self._failures, 5)))
+        else:
+            self._failures = 0

@@ -372,6 +372,14 @@ audit_pending = Table(
     PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_pending"),
 )
 
+audit_unindexed = Table(  # chained records whose search index is not written yet
+    "audit_unindexed",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_id", String(64), nullable=False),
+    PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_unindexed"),
+)
+
 audit_log = Table(
     "audit_log",
     metadata,
@@ -421,7 +429,7 @@ audit_alert_marks = Table(  # what the monitoring rules count: blind-indexed sub
     PrimaryKeyConstraint("tenant_id", "rule", "subject", "window_start", "item", name="pk_audit_alert_marks"),
 )
 
-AUDIT_TABLES = ("audit_pending", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
+AUDIT_TABLES = ("audit_pending", "audit_unindexed", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
 APPEND_ONLY_TABLES = ("audit_log", "audit_checkpoints")  # the application role may not update or delete their rows
 
 OAUTH_TABLES = ("oauth_clients", "oauth_users", "oauth_codes", "oauth_tokens", "oauth_launches", "oauth_jtis",

@@ -41,28 +41,31 @@ class Storage:
         self.audit_log = AuditLog(self, ChainPolicy(settings.audit_checkpoint_records, settings.audit_checkpoint_seconds))
 
     @contextmanager
-    def session(self, tenant_name: str, *, write: bool, exclusive: bool = False,
-                audited: bool = True) -> Iterator[ResourceRepository]:
+    def session(self, tenant_name: str, *, write: bool, exclusive: bool = False, audited: bool = True,
+                tenant_lock: bool = True, shared: bool = True) -> Iterator[ResourceRepository]:
         """A repository for ``tenant_name``: committed when the block ends, rolled back if it raises.
 
         ``exclusive`` locks the tenant row for update (a write that changes the tenant's search
-        parameters waits for the writes in flight and holds off new ones until it commits).
+        parameters waits for the writes in flight and holds off new ones until it commits); a write that
+        indexes nothing needs no share of that lock (``tenant_lock`` False: the audit chainer, which runs all
+        the time, would otherwise keep the tenant row share-locked under every read).
         Raises ``tenants.TenantNotFound`` for an unknown or deleted tenant.
 
         Inside ``shared_reads`` a read session of the same tenant is the shared one (no new connection,
-        no second tenant lookup).
+        no second tenant lookup), unless ``shared`` is False (a read that must see what was committed after the
+        shared one began: on SQLite a read transaction keeps the snapshot of its first statement).
 
         A write unit of work ends, before it commits, with ``before_commit`` (the audit trail's records of
         what was done go into the same transaction), unless ``audited`` is False (the audit trail's own
         writes, and maintenance that records itself).
         """
-        shared = _shared_read.get()
-        if shared is not None and not write and shared.tenant.name == tenant_name:
-            yield shared
+        shared_repo = _shared_read.get()
+        if shared_repo is not None and shared and not write and shared_repo.tenant.name == tenant_name:
+            yield shared_repo
             return
         after: Callable[[], None] | None = None
         with self.db.transaction(write=write, binds_tenant_first=True) as conn:
-            conn.info["fhir_lock_tenant"] = "update" if exclusive else None
+            conn.info["fhir_lock_tenant"] = "update" if exclusive else None if tenant_lock or not write else "none"
             tenant = tenants.lookup(conn, tenant_name)
             keys = self.keyring.keys_for(conn, tenant)
             repo = ResourceRepository(conn, tenant, Sealer(self.cipher, keys))
@@ -104,6 +107,12 @@ class Storage:
         finally:
             for callback in callbacks:  # the connection is back in the pool: writing now cannot starve it
                 callback()
+
+    @staticmethod
+    def shared_read(tenant_name: str) -> ResourceRepository | None:
+        """The shared read unit of work of ``tenant_name`` open in this thread or context, if any."""
+        repo = _shared_read.get()
+        return repo if repo is not None and repo.tenant.name == tenant_name else None
 
     @staticmethod
     def after_shared_reads(tenant_name: str, callback: Callable[[], None]) -> bool:

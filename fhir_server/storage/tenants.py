@@ -88,8 +88,9 @@ def lookup(conn: Connection, name: str) -> Tenant:
     if not TENANT_NAME.fullmatch(name):
         raise TenantNotFound(name)
     if conn.dialect.name == "postgresql":
-        if conn.info.get("fhir_write"):
-            stmt = _LOOKUP_PG_UPDATE if conn.info.get("fhir_lock_tenant") == "update" else _LOOKUP_PG_SHARE
+        lock = conn.info.get("fhir_lock_tenant")
+        if conn.info.get("fhir_write") and lock != "none":
+            stmt = _LOOKUP_PG_UPDATE if lock == "update" else _LOOKUP_PG_SHARE
             row = conn.execute(stmt, {"name": name}).first()
         else:
             row = conn.execute(_LOOKUP_PG, {"name": name, "local": not conn.info.get("fhir_autocommit")}).first()

@@ -74,6 +74,7 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
         store.remember_jti(client_id, "jti", now_us() + 60_000_000)
         store.create_session()
         signing_key(store)
+    storage.audit_log.stop()  # (its chainer would move the records below along)
     storage.audit_log.chain(a, checkpoint=True)  # the audit log of those writes: chained, with a signed checkpoint
     with storage.session(a, write=True, audited=False) as repo:  # and a record waiting for the chain, an alert mark
         audit_log.add_pending(repo.conn, repo.tenant.id, [("waiting", now_us(), bytes(32))])

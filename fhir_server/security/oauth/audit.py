@@ -14,27 +14,24 @@ from fhir_server.security import audit_events as ae
 if TYPE_CHECKING:
     from fhir_server.security.oauth.server import OAuthScope
 
-LOGIN = (ae.DCM, "110122", "Login")
-GET_TOKEN = (ae.IHE_EVENT, "ITI-71", "Get Access Token")
-OURS = {
-    "password": "Password checked",
-    "second-factor": "Second factor (TOTP) checked",
-    "account-locked": "Account locked after repeated failures",
-    "token-grant": "Access token granted",
-    "token-refresh": "Access token refreshed",
-    "token-revoke": "Token revoked",
-    "grant-revoked-on-reuse": "Grant revoked: a used code or refresh token was presented again",
-}
+LOGIN = (ae.DCM, "110122")  # DICOM: Login
+GET_TOKEN = (ae.IHE_EVENT, "ITI-71")  # IHE IUA: Get Access Token
+# This server's subtypes: a password checked, a second factor (TOTP) checked, an account locked after repeated
+# failures, an access token granted or refreshed, a token revoked, a grant revoked because a spent code or a
+# rotated refresh token was presented again.
+OURS = ("password", "second-factor", "account-locked", "token-grant", "token-refresh", "token-revoke",
+        "grant-revoked-on-reuse")
 GRANT_KINDS = {"authorization_code": "token-grant", "client_credentials": "token-grant", "refresh_token": "token-refresh"}
 
 
-def _record(scope: OAuthScope, subtypes: list[tuple[str, str, str]], code: str, status: int, description: str | None, *,
+def _record(scope: OAuthScope, subtypes: list[tuple[str, str]], code: str, status: int, description: str | None, *,
             client_id: str | None = None, username: str | None = None, roles: tuple[str, ...] = (),
             purpose: tuple[str, ...] = (), grant_id: str | None = None, alert: bool = False) -> None:
     origin = ae.current_origin()
     actor = ae.Actor(client_id=client_id, username=username, roles=roles, purpose=purpose, grant_id=grant_id,
                      address=origin.address)
-    codings = [ae.coding(*s) for s in subtypes] + [ae.coding(ae.SUBTYPE, code, OURS[code])]
+    assert code in OURS, code
+    codings = [ae.coding(*s) for s in subtypes] + [ae.coding(ae.SUBTYPE, code)]
     event = ae.auth_event(codings, status, description, actor, ae.Place(scope.tenant, scope.fhir_base), grant_id=grant_id,
                           request_id=origin.request_id, alert=alert)
     scope.store.repo.pending_audit.append(event)

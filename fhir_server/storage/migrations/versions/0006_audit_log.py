@@ -1,4 +1,5 @@
-"""The audit log: pending records, the hash chain, its head, signed checkpoints, and the monitoring marks.
+"""The audit log: pending records, records waiting for their index, the hash chain, its head, signed checkpoints,
+and the monitoring marks.
 
 On PostgreSQL every table is hash-partitioned by tenant with forced row-level security, and the
 application role may only read and append the chain and its checkpoints (migrate.py revokes UPDATE and
@@ -23,7 +24,7 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-TABLES = ("audit_pending", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
+TABLES = ("audit_pending", "audit_unindexed", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
 
 
 def upgrade() -> None:
@@ -36,6 +37,13 @@ def upgrade() -> None:
         sa.Column("recorded", sa.BigInteger, nullable=False),
         sa.Column("digest", sa.LargeBinary(32), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_pending"),
+        **kwargs,
+    )
+    op.create_table(
+        "audit_unindexed",
+        sa.Column("tenant_id", sa.Integer, nullable=False),
+        sa.Column("res_id", sa.String(64), nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_unindexed"),
         **kwargs,
     )
     op.create_table(
