@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fhir_server import fhirjson
@@ -34,3 +35,24 @@ def patient(pid: str | None = None, family: str = "Doe") -> dict[str, Any]:
     if pid:
         p["id"] = pid
     return p
+
+
+def in_threads(work: Callable[[], object], count: int) -> None:
+    """Run ``work`` in ``count`` threads at once; re-raise the first error any of them met."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, tuple_
 
+from fhir_server.clock import now_us
 from fhir_server.engine import auditing, compartments
 from fhir_server.engine.audit_index import AuditIndexer
 from fhir_server.engine.auditing import COMMITTING, DEFERRED, LOST, OPEN, RECORDED, Interaction
@@ -39,13 +40,13 @@ from fhir_server.security import audit_chain
 from fhir_server.security.audit_events import current_origin
 from fhir_server.security.audit_monitor import Monitor
 from fhir_server.storage import audit_log, schema
-from fhir_server.clock import now_us
 from fhir_server.storage.repository import ResourceRepository
 from fhir_server.storage.tenants import TenantNotFound
 
 if TYPE_CHECKING:
     from fhir_server.engine.engine import Engine
     from fhir_server.engine.request import FhirRequest, FhirResponse
+    from fhir_server.security.access import AccessContext
 
 log = logging.getLogger(__name__)
 AUDIT_EVENT = "AuditEvent"
@@ -100,6 +101,12 @@ class AuditTrail:
         finally:
             auditing.leave(token)
 
+    def identify(self, access: AccessContext) -> None:
+        """Who is calling, known before the engine takes the request over (a refusal of its body names them)."""
+        act = auditing.current()
+        if act is not None and not act.attached:
+            act.access = access
+
     def end(self, token: object | None) -> None:
         if token is not None:
             auditing.leave(token)
@@ -125,8 +132,9 @@ class AuditTrail:
             act.state = RECORDED
             return
         shared = self.storage.shared_read(act.tenant)
-        if shared is not None and shared.conn.info.get("fhir_autocommit"):
-            # PostgreSQL: one statement on the read's own connection, a transaction of its own.
+        if shared is not None and shared.conn.info.get("fhir_autocommit") and not self.monitor.writes([event]):
+            # PostgreSQL: one statement on the read's own connection, a transaction of its own (unless the
+            # monitoring rules have marks to write with it: then a transaction, below).
             self._commit_record(act, event, strict=strict, repo=shared)
             return
         if self.storage.after_shared_reads(act.tenant, lambda: self._commit_record(act, event, strict=strict)):
@@ -212,10 +220,14 @@ class AuditTrail:
         audit_log.store_records(repo.conn, repo.tenant.id, records)
         return written, alerts
 
-    def catch_up(self, tenant: str) -> None:
-        """Before AuditEvents are searched: chain and index every record committed so far."""
-        if self.enabled:
-            self.storage.audit_log.catch_up(tenant)
+    def catch_up(self, req: FhirRequest, types: tuple[str, ...] | list[str]) -> bool:
+        """Before AuditEvents are read or searched (``types`` names them) by a caller who may: make every record
+        committed so far a chained, indexed resource. True when it did: read with a session that sees it (not the
+        request's shared one, whose snapshot may be older on SQLite)."""
+        if not self.enabled or AUDIT_EVENT not in types or not (req.access.internal or req.access.grants_for("r", AUDIT_EVENT)):
+            return False
+        self.storage.audit_log.catch_up(req.tenant)
+        return True
 
     def _after_commit(self, tenant: str, written: list[tuple[str, bytes]], alerts: list[dict[str, Any]]) -> None:
         self.storage.audit_log.kick(tenant)

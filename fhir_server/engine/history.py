@@ -72,7 +72,8 @@ def history(engine: Engine, req: FhirRequest, rtype: str | None = None, rid: str
         limit=count,
         exclude_types=(AUDIT_EVENT,) if rtype is None and len(_system_types(engine, req.access)) < len(engine.registry.resource_types) else (),
     )
-    with engine.storage.session(req.tenant, write=False) as repo:
+    caught_up = engine.audit.catch_up(req, (rtype,) if rtype else _system_types(engine, req.access))
+    with engine.storage.session(req.tenant, write=False, shared=not caught_up) as repo:
         _authorize(engine, repo, req, rtype, rid)
         records: list[VersionRecord] = []
         more = False

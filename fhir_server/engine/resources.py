@@ -100,7 +100,8 @@ def read(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse
     own = authorization.reads_own_record(req.access, rtype, rid)
     if not own:
         authorization.grants_unless_internal(req.access, "r", rtype)
-    with engine.storage.session(req.tenant, write=False) as repo:
+    caught_up = engine.audit.catch_up(req, (rtype,))  # an AuditEvent is a resource once it is chained
+    with engine.storage.session(req.tenant, write=False, shared=not caught_up) as repo:
         rec = repo.read(rtype, rid)
         if rec is not None and not rec.deleted:
             auditing.note_record(engine, rec)  # whose record it is, also when the access is refused below
@@ -150,7 +151,8 @@ def vread(engine: Engine, req: FhirRequest, rtype: str, rid: str, vid: str) -> F
     if not is_ascii_digits(vid) or len(vid) > 9:
         raise NotFound(f"{rtype}/{rid} has no version {vid[:40]!r}; versions are whole numbers", expression="vid")
     authorization.grants_unless_internal(req.access, "r", rtype)
-    with engine.storage.session(req.tenant, write=False) as repo:
+    caught_up = engine.audit.catch_up(req, (rtype,))
+    with engine.storage.session(req.tenant, write=False, shared=not caught_up) as repo:
         rec = repo.vread(rtype, rid, int(vid))
         if rec is not None:
             auditing.note_record(engine, rec)

@@ -90,10 +90,9 @@ def search(
 ) -> FhirResponse:
     """Search ``types`` with the query ``pairs``; ``extra`` adds clauses per type (compartments), and
     ``path`` is the URL path the links repeat (default: the type, or the base for system search)."""
-    of_the_log = AUDIT_EVENT in types or any(k in ("_include", "_revinclude") and AUDIT_EVENT in v for k, v in pairs)
-    if of_the_log:
-        engine.audit.catch_up(req.tenant)  # AuditEvents are indexed after they are chained: catch up first
-    with engine.storage.session(req.tenant, write=False, shared=not of_the_log) as repo:  # (one that sees it)
+    includes_log = [AUDIT_EVENT] if any(k in ("_include", "_revinclude") and AUDIT_EVENT in v for k, v in pairs) else []
+    caught_up = engine.audit.catch_up(req, [*types, *includes_log])  # AuditEvents become searchable as they are chained
+    with engine.storage.session(req.tenant, write=False, shared=not caught_up) as repo:
         ctx = engine.contexts.for_repo(repo)  # the tenant's parameters, custom ones included
         if not req.access.internal:  # what the access allows is part of the query (never a filter afterwards)
             extra = dict(extra or {})

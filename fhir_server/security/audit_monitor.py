@@ -15,9 +15,7 @@ transaction that appends the events, so an alert commits with what raised it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, select
@@ -47,9 +45,16 @@ class Monitor:
         self.patients = settings.audit_alert_patients
         self.patient_window = settings.audit_alert_patient_window_seconds
         self.exports = settings.audit_alert_exports
-        self._seen: OrderedDict[tuple[int, bytes, int, bytes], None] = OrderedDict()  # patient marks made here
-        self._lock = threading.Lock()
         self._purged: dict[int, float] = {}
+
+    @staticmethod
+    def writes(events: list[dict[str, Any]]) -> bool:
+        """Whether evaluating these events writes marks (they must then be appended in a transaction of their own)."""
+        for event in events:
+            facts = _Facts(event)
+            if facts.failed_login or facts.export or (facts.patients and facts.username and facts.rest_success):
+                return True
+        return False
 
     def evaluate(self, repo: ResourceRepository, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The alerts these events raise (to be appended with them)."""
@@ -108,24 +113,17 @@ class Monitor:
             M.c.item != RAISED)).scalar_one())
 
     def _patients(self, repo: ResourceRepository, material: str, patients: list[str]) -> int:
-        """Mark the patients a user read in this window; how many distinct patients that makes."""
+        """Mark the patients a user read in this window; how many distinct patients that makes (0 when none of them
+        is new in the window: nothing to count again)."""
         rule = "many-patients"
         subject, window = self._subject(repo, rule, material), self._window(self.patient_window)
         tid = repo.tenant.id
-        fresh = []
-        with self._lock:
-            for pid in patients:
-                item = self._subject(repo, rule, f"item\x00{pid}")
-                key = (tid, subject, window, item)
-                if key not in self._seen:
-                    fresh.append(item)
-                    self._seen[key] = None
-                    if len(self._seen) > 100_000:
-                        self._seen.popitem(last=False)
+        items = sorted({self._subject(repo, rule, f"item\x00{pid}") for pid in patients})  # one lock order
+        dialect_insert = postgresql.insert if repo.conn.dialect.name == "postgresql" else sqlite.insert
+        fresh = repo.conn.execute(dialect_insert(M).on_conflict_do_nothing().returning(M.c.item), [
+            {"tenant_id": tid, "rule": rule, "subject": subject, "window_start": window, "item": i} for i in items]).all()
         if not fresh:
-            return 0  # nothing new here since it was last counted
-        self._insert(repo, [{"tenant_id": tid, "rule": rule, "subject": subject, "window_start": window, "item": i}
-                            for i in fresh])
+            return 0
         return int(repo.conn.execute(select(func.count()).select_from(M).where(
             M.c.tenant_id == tid, M.c.rule == rule, M.c.subject == subject, M.c.window_start == window,
             M.c.item != RAISED)).scalar_one())

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 P = schema.audit_pending
 U = schema.audit_unindexed
+G = schema.audit_legacy
 L = schema.audit_log
 H = schema.audit_heads
 C = schema.audit_checkpoints
@@ -60,16 +61,10 @@ IDLE_SECONDS = 0.25  # a process this long without an interaction is idle: its c
 MAX_UNINDEXED = 20_000  # records a process lets wait for their index before it indexes them while busy
 
 
-def add_pending(conn: Connection, tenant_id: int, rows: list[tuple[str, int, bytes]]) -> None:
-    """Records to chain: (AuditEvent id, recorded, digest), in the caller's transaction."""
-    if rows:
-        values = [{"tenant_id": tenant_id, "res_id": r, "recorded": t, "digest": d} for r, t, d in rows]
-        conn.execute(insert(P), values if len(values) > 1 else values[0])
-
-
 @dataclass(frozen=True, slots=True)
 class Record:
-    """An AuditEvent ready to store: its id, time, sealed body (and the key version that sealed it), and digest."""
+    """An AuditEvent ready to store: its id, time, sealed body (sealed as version 1 of the AuditEvent, so that it
+    moves into resource_versions as it is) and the key version that sealed it, and its digest."""
 
     res_id: str
     recorded: int
@@ -78,61 +73,51 @@ class Record:
     digest: bytes
 
 
-# PostgreSQL: the resource row, its version and its pending chain row in ONE statement (atomic on its own: a
-# read's record is one round trip on the read's own connection).
-_PG_RECORD = (
-    "WITH r AS (INSERT INTO resources (tenant_id, res_type, res_id, version, last_updated, deleted, index_mask) "
-    "VALUES (%(tid)s, 'AuditEvent', %(id)s, 1, %(t)s, false, 0)), "
-    "v AS (INSERT INTO resource_versions (tenant_id, res_type, res_id, version, last_updated, method, deleted, key_version, "
-    "body) VALUES (%(tid)s, 'AuditEvent', %(id)s, 1, %(t)s, 'POST', false, %(kv)s, %(body)s)) "
-    "INSERT INTO audit_pending (tenant_id, res_id, recorded, digest) VALUES (%(tid)s, %(id)s, %(t)s, %(digest)s)"
-)
-_PG_RECORDS = text(
-    "WITH r AS (INSERT INTO resources (tenant_id, res_type, res_id, version, last_updated, deleted, index_mask) "
-    "  SELECT :tid, 'AuditEvent', i, 1, t, false, 0 FROM unnest(CAST(:ids AS text[]), CAST(:times AS bigint[])) AS x(i, t)), "
-    "v AS (INSERT INTO resource_versions (tenant_id, res_type, res_id, version, last_updated, method, deleted, key_version, body) "
-    "  SELECT :tid, 'AuditEvent', i, 1, t, 'POST', false, k, b FROM unnest(CAST(:ids AS text[]), CAST(:times AS bigint[]), "
-    "  CAST(:kvs AS integer[]), CAST(:bodies AS bytea[])) AS x(i, t, k, b)) "
-    "INSERT INTO audit_pending (tenant_id, res_id, recorded, digest) "
-    "SELECT :tid, i, t, d FROM unnest(CAST(:ids AS text[]), CAST(:times AS bigint[]), CAST(:digests AS bytea[])) AS x(i, t, d)"
-)
+_RECORD_COLUMNS = ("res_id", "recorded", "key_version", "sealed", "digest")
+_PG_RECORD = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
+              "VALUES (%(tid)s, %(res_id)s, %(recorded)s, %(digest)s, %(key_version)s, %(sealed)s)")
+_PG_RECORDS = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, key_version, body, digest) SELECT %(tid)s, * FROM "
+               "unnest(%(res_id)b::text[], %(recorded)b::bigint[], %(key_version)b::integer[], %(sealed)b::bytea[], "
+               "%(digest)b::bytea[])")
 
 
 def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> None:
-    """Store AuditEvents (resource, version, pending chain row), in the caller's transaction or, on PostgreSQL, as
-    one statement of its own. Their search index is written after they are chained."""
+    """Store AuditEvents as pending records, in the caller's transaction or, on PostgreSQL, as one statement of its
+    own (one row: a read's record is one short round trip on the read's own connection). The chainer makes them
+    resources of the tenant as it chains them, and indexes them later."""
     if not records:
         return
-    if conn.dialect.name == "postgresql":
-        if len(records) == 1:  # every read's record: the driver's own execute, a third of SQLAlchemy's cost here
-            r = records[0]
-            driver = conn.connection.driver_connection
-            assert driver is not None
-            driver.execute(_PG_RECORD, {"tid": tenant_id, "id": r.res_id, "t": r.recorded, "kv": r.key_version,
-                                        "body": r.sealed, "digest": r.digest})
-            return
-        conn.execute(_PG_RECORDS, {"tid": tenant_id, "ids": [r.res_id for r in records], "times": [r.recorded for r in records],
-                                   "kvs": [r.key_version for r in records], "bodies": [r.sealed for r in records],
-                                   "digests": [r.digest for r in records]})
+    if conn.dialect.name == "postgresql":  # the driver's own execute: a third of SQLAlchemy's cost on this hot path
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        if len(records) == 1:
+            driver.execute(_PG_RECORD, {"tid": tenant_id, **{k: getattr(records[0], k) for k in _RECORD_COLUMNS}})
+        else:
+            driver.execute(_PG_RECORDS, {"tid": tenant_id, **{k: [getattr(r, k) for r in records] for k in _RECORD_COLUMNS}})
         return
-    conn.execute(insert(R), [{"tenant_id": tenant_id, "res_type": AUDIT_EVENT, "res_id": r.res_id, "version": 1,
-                              "last_updated": r.recorded, "deleted": False, "index_mask": 0} for r in records])
-    conn.execute(insert(V), [{"tenant_id": tenant_id, "res_type": AUDIT_EVENT, "res_id": r.res_id, "version": 1,
-                              "last_updated": r.recorded, "method": "POST", "deleted": False, "key_version": r.key_version,
-                              "body": r.sealed} for r in records])
-    add_pending(conn, tenant_id, [(r.res_id, r.recorded, r.digest) for r in records])
+    conn.execute(insert(P), [{"tenant_id": tenant_id, "res_id": r.res_id, "recorded": r.recorded, "digest": r.digest,
+                              "key_version": r.key_version, "body": r.sealed} for r in records])
 
 
-_CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash")
+_CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash", "key_version", "body")
+# The chained records: resources of the tenant (current row and version 1, the sealed body as it was pending),
+# rows of the log, waiting for their index; out of the pending rows; and the new head. One statement.
 _PG_CHAIN = (
-    "WITH l AS (INSERT INTO audit_log (tenant_id, seq, res_id, recorded, digest, prev_hash, hash) "
-    "  SELECT %(tid)s, * FROM unnest(%(seq)b::bigint[], %(res_id)b::text[], %(recorded)b::bigint[], %(digest)b::bytea[], "
-    "  %(prev_hash)b::bytea[], %(hash)b::bytea[])), "
-    "u AS (INSERT INTO audit_unindexed (tenant_id, res_id) SELECT %(tid)s, unnest(%(res_id)b::text[])), "
+    "WITH x AS (SELECT * FROM unnest(%(seq)b::bigint[], %(res_id)b::text[], %(recorded)b::bigint[], %(digest)b::bytea[], "
+    "  %(prev_hash)b::bytea[], %(hash)b::bytea[], %(key_version)b::integer[], %(body)b::bytea[]) "
+    "  AS x(seq, res_id, recorded, digest, prev_hash, hash, key_version, body)), "
+    "r AS (INSERT INTO resources (tenant_id, res_type, res_id, version, last_updated, deleted, index_mask) "
+    "  SELECT %(tid)s, 'AuditEvent', res_id, 1, recorded, false, 0 FROM x), "
+    "v AS (INSERT INTO resource_versions (tenant_id, res_type, res_id, version, last_updated, method, deleted, key_version, body) "
+    "  SELECT %(tid)s, 'AuditEvent', res_id, 1, recorded, 'POST', false, key_version, body FROM x), "
+    "l AS (INSERT INTO audit_log (tenant_id, seq, res_id, recorded, digest, prev_hash, hash) "
+    "  SELECT %(tid)s, seq, res_id, recorded, digest, prev_hash, hash FROM x), "
+    "u AS (INSERT INTO audit_unindexed (tenant_id, res_id) SELECT %(tid)s, res_id FROM x), "
     "p AS (DELETE FROM audit_pending WHERE tenant_id = %(tid)s AND res_id = ANY(%(res_id)b::text[])) "
     "UPDATE audit_heads SET seq = %(head_seq)s, hash = %(head_hash)s, checkpoint_seq = %(cp_seq)s, checkpoint_at = %(cp_at)s "
     "WHERE tenant_id = %(tid)s"
 )
+
 
 # Given stored AuditEvents (id, JSON), the index entries of each (the engine's extractor, with the tenant's
 # search parameters): set by the engine's audit trail.
@@ -163,6 +148,7 @@ class AuditLog:
         self.storage = storage
         self.policy = policy
         self.indexer: Indexer | None = None
+        self.inline = False  # chain at once in the caller's thread (the command line: it exits before a chainer would)
         self._last_busy = 0.0
         self._chainer = _Chainer(self)
 
@@ -174,7 +160,10 @@ class AuditLog:
         return time.monotonic() - self._last_busy >= IDLE_SECONDS
 
     def kick(self, tenant_name: str) -> None:
-        """Chain the tenant's pending records soon, in this process's chainer thread."""
+        """Chain the tenant's pending records soon, in this process's chainer thread (or now, ``inline``)."""
+        if self.inline:
+            self.chain(tenant_name)
+            return
         self._chainer.kick(tenant_name)
 
     def stop(self) -> None:
@@ -205,8 +194,8 @@ class AuditLog:
                 pass
 
     def has_waiting(self, tenant_name: str) -> bool:
-        """Records wait to be chained or indexed."""
-        with self.storage.session(tenant_name, write=False) as repo:
+        """Records wait to be chained or indexed (as committed now: not in a request's older snapshot)."""
+        with self.storage.session(tenant_name, write=False, shared=False) as repo:
             tid = repo.tenant.id
             return any(repo.conn.execute(select(t.c.res_id).where(t.c.tenant_id == tid).limit(1)).first() is not None
                        for t in (P, U))
@@ -218,7 +207,7 @@ class AuditLog:
         if head is None:
             return None
         pending = conn.execute(
-            select(P.c.res_id, P.c.recorded, P.c.digest).where(P.c.tenant_id == tid)
+            select(P.c.res_id, P.c.recorded, P.c.digest, P.c.key_version, P.c.body).where(P.c.tenant_id == tid)
             .order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)
         ).all()
         seq, prev = head.seq, head.hash
@@ -230,7 +219,7 @@ class AuditLog:
                 digest = bytes(p.digest)
                 h = audit_chain.link(key, tid, seq, prev, digest, p.res_id, p.recorded)
                 rows.append({"tenant_id": tid, "seq": seq, "res_id": p.res_id, "recorded": p.recorded, "digest": digest,
-                             "prev_hash": prev, "hash": h})
+                             "prev_hash": prev, "hash": h, "key_version": p.key_version, "body": bytes(p.body)})
                 prev = h
             if chained is not None:
                 chained.extend(p.res_id for p in pending)
@@ -260,7 +249,13 @@ class AuditLog:
                                        "cp_at": head.checkpoint_at})
             return
         if rows:
-            conn.execute(insert(L), rows)
+            conn.execute(insert(R), [{"tenant_id": tid, "res_type": AUDIT_EVENT, "res_id": r["res_id"], "version": 1,
+                                      "last_updated": r["recorded"], "deleted": False, "index_mask": 0} for r in rows])
+            conn.execute(insert(V), [{"tenant_id": tid, "res_type": AUDIT_EVENT, "res_id": r["res_id"], "version": 1,
+                                      "last_updated": r["recorded"], "method": "POST", "deleted": False,
+                                      "key_version": r["key_version"], "body": r["body"]} for r in rows])
+            conn.execute(insert(L), [{k: r[k] for k in ("tenant_id", "seq", "res_id", "recorded", "digest", "prev_hash", "hash")}
+                                     for r in rows])
             conn.execute(insert(U), [{"tenant_id": tid, "res_id": r["res_id"]} for r in rows])
             ids = [r["res_id"] for r in rows]
             for start in range(0, len(ids), 500):
@@ -367,7 +362,7 @@ class AuditLog:
         while after < limit_seq:
             rows = conn.execute(
                 select(L.c.seq, L.c.res_id, L.c.recorded, L.c.digest, L.c.prev_hash, L.c.hash, V.c.key_version, V.c.body,
-                       V.c.deleted)
+                       V.c.deleted, V.c.last_updated)
                 .select_from(L.outerjoin(V, and_(V.c.tenant_id == L.c.tenant_id, V.c.res_type == AUDIT_EVENT,
                                                  V.c.res_id == L.c.res_id, V.c.version == 1)))
                 .where(L.c.tenant_id == tid, L.c.seq > after, L.c.seq <= limit_seq).order_by(L.c.seq).limit(READ_BATCH)
@@ -382,6 +377,8 @@ class AuditLog:
                         body = repo.sealer.open_resource(AUDIT_EVENT, r.res_id, 1, r.key_version, bytes(r.body))
                     except IntegrityError as exc:
                         body, problem = b"", f"it does not decrypt: {exc}"
+                    if r.last_updated != r.recorded and problem is None:
+                        problem = "its stored time is not the time it was chained with"
                 finding = verifier.row(row, body, problem)
                 if finding is not None:
                     return finding
@@ -393,21 +390,30 @@ class AuditLog:
         """AuditEvents that are stored but in neither the chain nor the pending records (inserted behind the
         server's back), or that were changed after they were written (a second version, a deletion)."""
         in_log = exists().where(L.c.tenant_id == tid, L.c.res_id == R.c.res_id)
-        waiting = exists().where(P.c.tenant_id == tid, P.c.res_id == R.c.res_id)
-        stray = conn.execute(select(R.c.res_id).where(R.c.tenant_id == tid, R.c.res_type == AUDIT_EVENT, ~in_log, ~waiting)
+        legacy = exists().where(G.c.tenant_id == tid, G.c.res_id == R.c.res_id)
+        stray = conn.execute(select(R.c.res_id).where(R.c.tenant_id == tid, R.c.res_type == AUDIT_EVENT, ~in_log, ~legacy)
                              .limit(1)).first()
         if stray is not None:
             return Finding("inserted", None, stray.res_id, f"AuditEvent/{stray.res_id} is stored but was never recorded "
                            "in the log: it was inserted")
+        not_legacy = ~exists().where(G.c.tenant_id == tid, G.c.res_id == R.c.res_id)
         changed = conn.execute(select(R.c.res_id, R.c.version, R.c.deleted).where(
-            R.c.tenant_id == tid, R.c.res_type == AUDIT_EVENT, (R.c.version != 1) | R.c.deleted).limit(1)).first()
+            R.c.tenant_id == tid, R.c.res_type == AUDIT_EVENT, (R.c.version != 1) | R.c.deleted, not_legacy).limit(1)).first()
         if changed is not None:
             what = "deleted" if changed.deleted else f"given a version {changed.version}"
             return Finding("changed", None, changed.res_id, f"AuditEvent/{changed.res_id} was {what} after it was recorded")
+        versions = conn.execute(select(V.c.res_id, V.c.version).where(
+            V.c.tenant_id == tid, V.c.res_type == AUDIT_EVENT, V.c.version != 1,
+            ~exists().where(G.c.tenant_id == tid, G.c.res_id == V.c.res_id)).limit(1)).first()
+        if versions is not None:
+            return Finding("changed", None, versions.res_id, f"AuditEvent/{versions.res_id} was given a version "
+                           f"{versions.version} after it was recorded")
         return None
 
     def events(self, tenant_name: str, *, since: int | None = None, until: int | None = None) -> Iterator[bytes]:
-        """The tenant's AuditEvents recorded in [since, until), oldest first, as their stored JSON."""
+        """The tenant's AuditEvents recorded in [since, until), oldest first, as their stored JSON (the records
+        waiting to be chained are chained first)."""
+        self.chain(tenant_name)
         after: tuple[int, str] | None = None
         while True:
             with self.storage.session(tenant_name, write=False) as repo:
@@ -483,11 +489,22 @@ class _Chainer:
             with self._cond:
                 todo, self._dirty = self._dirty, set()
             timed_out = not todo
-            for name in sorted(todo or set(self._chained)):
+            if timed_out:  # nothing happened for a while: every tenant with records waiting (a killed process's, the
+                todo = set(self._chained) | self._waiting_elsewhere()  # command line's), checkpoints due here
+            for name in sorted(todo):
                 self._guarded(name, functools.partial(self._chain, name, checkpoint=timed_out))
             for name in sorted(set(self._chained) | self._sweep):
                 if self._sweep or self.log.idle():
                     self._guarded(name, functools.partial(self._index, name))
+
+    def _waiting_elsewhere(self) -> set[str]:
+        try:
+            with self.log.storage.db.transaction(write=False) as conn:
+                names = [t.name for t in tenants.list_tenants(conn) if t.status == "active"]
+            return {n for n in names if self.log.has_waiting(n)}
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            log.error("audit sweep failed", extra={"error_type": type(exc).__name__})
+            return set()
 
     def _chain(self, name: str, *, checkpoint: bool) -> None:
         chained = self._chained.setdefault(name, [])

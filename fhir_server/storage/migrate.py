@@ -89,6 +89,9 @@ def _grant(owner: Database, role: str) -> None:
         for table in schema.APPEND_ONLY_TABLES:
             for name in [table, *pgddl.partition_names(table)]:
                 conn.execute(text(f"REVOKE UPDATE, DELETE, TRUNCATE ON {name} FROM {quoted}"))
+        for table in schema.READ_ONLY_TABLES:
+            for name in [table, *pgddl.partition_names(table)]:
+                conn.execute(text(f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {name} FROM {quoted}"))
 
 
 def is_current(conn: Connection) -> bool:

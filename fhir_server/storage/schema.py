@@ -356,11 +356,12 @@ oauth_keys = Table(  # the server's signing keys (id_token), per tenant
 
 # --- the audit log (security/audit_chain.py, storage/audit_log.py) -------------------------------------------
 # AuditEvents are resources of their tenant (resources, resource_versions, index rows: readable and
-# searchable like any other); these tables chain them. A record is written to audit_pending in the
-# transaction of the interaction it records (or, for reads, by a group commit before the response leaves);
-# the chainer moves it to audit_log, giving it the next sequence number, the previous record's hash and its
-# own, in one tenant-wide order. The application role may only read and append audit_log and
-# audit_checkpoints (on PostgreSQL; the migration revokes UPDATE and DELETE). No PHI: ids, times, hashes.
+# searchable like any other); these tables chain them. A record is written (sealed) to audit_pending in the
+# transaction of the interaction it records, or before a read's answer leaves; the chainer makes it a
+# resource and moves it to audit_log, giving it the next sequence number, the previous record's hash and its
+# own, in one tenant-wide order, and queues it in audit_unindexed for its search index. The application role
+# may only read and append audit_log and audit_checkpoints (on PostgreSQL; the migration revokes UPDATE and
+# DELETE). No plaintext PHI: ids, times, hashes, and the pending records sealed like every resource version.
 
 audit_pending = Table(
     "audit_pending",
@@ -369,6 +370,8 @@ audit_pending = Table(
     Column("res_id", String(64), nullable=False),  # the AuditEvent's id
     Column("recorded", BigInteger, nullable=False),  # its lastUpdated (microseconds)
     Column("digest", LargeBinary(32), nullable=False),  # HMAC of its stored bytes under the tenant's chain key
+    Column("key_version", Integer, nullable=False),
+    Column("body", LargeBinary, nullable=False),  # sealed, as version 1 of the AuditEvent will be
     PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_pending"),
 )
 
@@ -378,6 +381,14 @@ audit_unindexed = Table(  # chained records whose search index is not written ye
     Column("tenant_id", Integer, nullable=False),
     Column("res_id", String(64), nullable=False),
     PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_unindexed"),
+)
+
+audit_legacy = Table(  # AuditEvents stored before the audit log existed (written by clients): not records of it
+    "audit_legacy",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("res_id", String(64), nullable=False),
+    PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_legacy"),
 )
 
 audit_log = Table(
@@ -429,8 +440,10 @@ audit_alert_marks = Table(  # what the monitoring rules count: blind-indexed sub
     PrimaryKeyConstraint("tenant_id", "rule", "subject", "window_start", "item", name="pk_audit_alert_marks"),
 )
 
-AUDIT_TABLES = ("audit_pending", "audit_unindexed", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
+AUDIT_TABLES = ("audit_pending", "audit_unindexed", "audit_legacy", "audit_log", "audit_heads", "audit_checkpoints",
+                "audit_alert_marks")
 APPEND_ONLY_TABLES = ("audit_log", "audit_checkpoints")  # the application role may not update or delete their rows
+READ_ONLY_TABLES = ("audit_legacy",)  # written by the migration only
 
 OAUTH_TABLES = ("oauth_clients", "oauth_users", "oauth_codes", "oauth_tokens", "oauth_launches", "oauth_jtis",
                 "oauth_sessions", "oauth_keys")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import uuid
 from typing import Any
 
@@ -17,7 +16,7 @@ from fhir_server.errors import FhirError
 from fhir_server.security import audit_events as ae
 from fhir_server.security.access import AccessContext
 from fhir_server.security.scopes import parse_scopes
-from testsupport.engine_calls import call, patient, resource
+from testsupport.engine_calls import call, in_threads, patient, resource
 
 GRANT = uuid.uuid4().hex
 DOCTOR = AccessContext(parse_scopes("user/*.cruds"), client_id="ehr-app", subject="dr-who", username="dr-who",
@@ -157,6 +156,8 @@ def test_failures_and_denials_are_recorded_and_say_why(engine: Engine, data: str
         assert "profile" not in event["meta"]  # BALP's profiles are for successes
         if target:
             assert [r.split("/_history/")[0] for r in entity_refs(event, "4")] == [target]
+    invalid = events(engine, data)[-3]  # the 400: where and what kind, never the values it refused (PHI)
+    assert "1999-02-30" not in invalid["outcomeDesc"] and "Patient.birthDate" in invalid["outcomeDesc"], invalid["outcomeDesc"]
     denied = events(engine, data)[-5]
     assert "outside what the access token's scopes allow" in denied["outcomeDesc"] and entity_refs(denied, "1") == ["Patient/p1"]
     assert codes(events(engine, data)[-1])[0] == "operation"
@@ -203,21 +204,12 @@ def test_when_the_record_cannot_be_written_the_interaction_fails(engine: Engine,
 def test_concurrent_reads_are_group_committed_and_all_recorded(engine: Engine, data: str) -> None:
     engine.storage.audit_log.chain(data)
     before = len(events(engine, data))
-    errors: list[BaseException] = []
 
     def reader() -> None:
-        try:
-            for _ in range(10):
-                call(engine, data, "GET", "Observation/o1", access=DOCTOR)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        for _ in range(10):
+            call(engine, data, "GET", "Observation/o1", access=DOCTOR)
 
-    threads = [threading.Thread(target=reader) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    in_threads(reader, 8)
     assert len(events(engine, data)) == before + 80
     engine.storage.audit_log.chain(data)
     assert engine.storage.audit_log.verify(data).ok

@@ -21,7 +21,7 @@ from fhir_server.storage import audit_log, schema, tenants
 from fhir_server.storage.store import Storage
 from testsupport.backends import DatabaseUrls
 from testsupport.cli import admin_or_owner
-from testsupport.engine_calls import call, patient
+from testsupport.engine_calls import call, in_threads, patient
 
 L = schema.audit_log
 V = schema.resource_versions
@@ -166,10 +166,52 @@ def test_an_inserted_record_is_found(engine: Engine, tenant: str, admin: SqlEngi
     assert (found.kind, found.res_id) == ("inserted", "forged")
 
 
+def test_a_second_version_of_a_record_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    """A version row added behind the server's back (the record "amended", its version 1 left alone)."""
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        row = conn.execute(select(V).where(V.c.tenant_id == tid, V.c.res_type == "AuditEvent", V.c.res_id == ids[1])).one()._asdict()
+        conn.execute(insert(V).values({**row, "version": 2}))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.res_id) == ("changed", ids[1]) and "version 2" in found.message
+
+
+def test_a_shifted_stored_time_is_found(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    """The record's stored time (what `_lastUpdated` and exports go by) moved: it no longer matches the chain."""
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:
+        conn.execute(update(V).where(V.c.tenant_id == tid, V.c.res_type == "AuditEvent", V.c.res_id == ids[3])
+                     .values(last_updated=V.c.last_updated - 86_400_000_000))
+    found = finding(engine.storage, tenant)
+    assert (found.kind, found.seq, found.res_id) == ("changed", 4, ids[3])
+
+
+def test_audit_events_stored_before_the_log_existed_are_not_reported(engine: Engine, tenant: str, admin: SqlEngine) -> None:
+    """AuditEvents a client stored before auditing landed (migration 0006 lists them in `audit_legacy`) are
+    outside the chain, and verification leaves them alone; any other AuditEvent outside it is reported."""
+    ids = make_log(engine, tenant)
+    tid = tid_of(engine.storage, tenant)
+    with admin.begin() as conn:  # a client's AuditEvent of those days, created and then updated (version 2)
+        where = (V.c.tenant_id == tid, V.c.res_type == "AuditEvent", V.c.res_id == ids[0])
+        version = conn.execute(select(V).where(*where)).one()._asdict()
+        current = conn.execute(select(R).where(R.c.tenant_id == tid, R.c.res_type == "AuditEvent", R.c.res_id == ids[0])).one()._asdict()
+        conn.execute(insert(V).values([{**version, "res_id": "old-client-event", "version": v} for v in (1, 2)]))
+        conn.execute(insert(R).values({**current, "res_id": "old-client-event", "version": 2}))
+        conn.execute(insert(schema.audit_legacy).values(tenant_id=tid, res_id="old-client-event"))
+    report = engine.storage.audit_log.verify(tenant)
+    assert report.ok, report
+    with admin.begin() as conn:
+        conn.execute(delete(schema.audit_legacy).where(schema.audit_legacy.c.tenant_id == tid))
+    assert finding(engine.storage, tenant).res_id == "old-client-event"
+
+
 def test_a_record_never_chained_is_reported_after_the_grace_period(engine: Engine, tenant: str) -> None:
     make_log(engine, tenant)
+    engine.storage.audit_log.stop()  # (as if its server was killed: no chainer comes by)
     with engine.storage.session(tenant, write=True, audited=False) as repo:
-        audit_log.add_pending(repo.conn, repo.tenant.id, [("stuck", now_us() - 3600 * 1_000_000, bytes(32))])
+        audit_log.store_records(repo.conn, repo.tenant.id, [audit_log.Record("stuck", now_us() - 3600 * 1_000_000, 1, b"x", bytes(32))])
     found = finding(engine.storage, tenant)
     assert (found.kind, found.res_id) == ("unchained", "stuck")
     assert engine.storage.audit_log.verify(tenant, grace_seconds=7200).ok  # still within a longer grace
@@ -189,24 +231,9 @@ def test_the_server_cannot_rewrite_its_own_log(engine: Engine, tenant: str, back
 
 def test_chaining_is_serial_across_writers(engine: Engine, tenant: str) -> None:
     """Many records chained by several chainers at once still make one gapless chain."""
-    import threading
-
     for i in range(40):
         call(engine, tenant, "PUT", f"Basic/b{i}", {"resourceType": "Basic", "id": f"b{i}", "code": {"text": "x"}})
-    errors: list[BaseException] = []
-
-    def chain() -> None:
-        try:
-            engine.storage.audit_log.chain(tenant)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=chain) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    in_threads(lambda: engine.storage.audit_log.chain(tenant), 4)
     report = engine.storage.audit_log.verify(tenant)
     assert report.ok and report.records == 40 and report.pending == 0
     with engine.storage.session(tenant, write=False) as repo:

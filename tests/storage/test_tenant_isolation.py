@@ -47,7 +47,8 @@ def test_resource_of_tenant_a_is_invisible_in_tenant_b(engine: Engine, new_tenan
     assert call(engine, a, "GET", "Patient/shared-id").headers["ETag"] == 'W/"1"'
 
 
-def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storage, engine: Engine, new_tenant: Any, backend: str) -> None:
+def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storage, owner_storage: Storage, engine: Engine,
+                                                               new_tenant: Any, backend: str) -> None:
     if backend != "postgresql":
         pytest.skip("row-level security is PostgreSQL's; SQLite relies on the repository's tenant filter")
     a, b = new_tenant("a"), new_tenant("b")
@@ -77,9 +78,11 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
     storage.audit_log.stop()  # (its chainer would move the records below along)
     storage.audit_log.chain(a, checkpoint=True)  # the audit log of those writes: chained, with a signed checkpoint
     with storage.session(a, write=True, audited=False) as repo:  # and a record waiting for the chain, an alert mark
-        audit_log.add_pending(repo.conn, repo.tenant.id, [("waiting", now_us(), bytes(32))])
+        audit_log.store_records(repo.conn, repo.tenant.id, [audit_log.Record("waiting", now_us(), 1, b"x", bytes(32))])
         repo.conn.execute(schema.audit_alert_marks.insert().values(tenant_id=repo.tenant.id, rule="r", subject=b"s",
                                                                    window_start=0, item=b"i"))
+    with owner_storage.session(a, write=True, audited=False) as repo:  # (only the migration lists legacy AuditEvents)
+        repo.conn.execute(schema.audit_legacy.insert().values(tenant_id=repo.tenant.id, res_id="legacy"))
     with storage.db.transaction(write=False) as conn:
         tid_a = tenants.lookup(conn, a).id
     for table in schema.TENANT_TABLES:

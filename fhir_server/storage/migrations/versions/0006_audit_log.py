@@ -24,7 +24,8 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-TABLES = ("audit_pending", "audit_unindexed", "audit_log", "audit_heads", "audit_checkpoints", "audit_alert_marks")
+TABLES = ("audit_pending", "audit_unindexed", "audit_legacy", "audit_log", "audit_heads", "audit_checkpoints",
+          "audit_alert_marks")
 
 
 def upgrade() -> None:
@@ -36,6 +37,8 @@ def upgrade() -> None:
         sa.Column("res_id", sa.String(64), nullable=False),
         sa.Column("recorded", sa.BigInteger, nullable=False),
         sa.Column("digest", sa.LargeBinary(32), nullable=False),
+        sa.Column("key_version", sa.Integer, nullable=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_pending"),
         **kwargs,
     )
@@ -44,6 +47,13 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.Integer, nullable=False),
         sa.Column("res_id", sa.String(64), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_unindexed"),
+        **kwargs,
+    )
+    op.create_table(
+        "audit_legacy",
+        sa.Column("tenant_id", sa.Integer, nullable=False),
+        sa.Column("res_id", sa.String(64), nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_legacy"),
         **kwargs,
     )
     op.create_table(
@@ -95,6 +105,21 @@ def upgrade() -> None:
         for name in TABLES:
             pgddl.create_partitions(name)
             pgddl.secure(name)
+    _keep_legacy_audit_events(pg)
+
+
+def _keep_legacy_audit_events(pg: bool) -> None:
+    """Clients could create AuditEvents before the server kept its own log: list them as legacy, so that the log's
+    verification does not take them for records inserted behind its back (row-level security is forced even on
+    the owner: bind each tenant in turn)."""
+    conn = op.get_bind()
+    for (tid,) in conn.execute(sa.text("SELECT id FROM tenants")).all():
+        if pg:
+            conn.execute(sa.text("SELECT set_config('fhir.tenant_id', :t, true)"), {"t": str(tid)})
+        conn.execute(sa.text("INSERT INTO audit_legacy (tenant_id, res_id) SELECT tenant_id, res_id FROM resources "
+                             "WHERE tenant_id = :t AND res_type = 'AuditEvent'"), {"t": tid})
+    if pg:
+        conn.execute(sa.text("SELECT set_config('fhir.tenant_id', '', true)"))
 
 
 def downgrade() -> None:
