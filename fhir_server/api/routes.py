@@ -42,18 +42,12 @@ def _fhir(engine: Engine, settings: Settings, tenant: str, segments: tuple[str, 
     if any(s == "" for s in segments):
         raise NotFound("Empty path segment in the URL")
     media_type = negotiation.response_type(request.args.get("_format"), request.headers.get("Accept"))
-    body = None
-    content_type = None
     params = [(k, v) for k, v in request.args.items(multi=True)]
-    if request.method == "POST" and segments and segments[-1] == "_search":
-        params.extend(_read_form())
-    elif request.method in ("POST", "PUT", "PATCH"):
-        body, content_type = _read_body(settings)
     prefer_return, prefer_handling = _prefer(request.headers.get("Prefer"))
     base_url = _base_url(settings, tenant)
     request.environ["fhir.route"] = _route_label(engine, segments)
 
-    def handle(access: AccessContext) -> Response:
+    def handle(access: AccessContext, body: object = None, content_type: str | None = None) -> Response:
         req = FhirRequest(
             method=request.method,
             tenant=tenant,
@@ -82,10 +76,17 @@ def _fhir(engine: Engine, settings: Settings, tenant: str, segments: tuple[str, 
             return handle(access_in(repo, base_url, token))
     with storage_errors(tenant):
         access = access_for_token(storage, tenant, base_url, token)
+    engine.audit.identify(access)  # who sent it, also when its body is refused below
+    if request.method == "POST" and segments and segments[-1] == "_search":
+        params.extend(_read_form())
+        return handle(access)
+    if request.method in ("POST", "PUT", "PATCH"):
+        return handle(access, *_read_body(settings))
     return handle(access)
 
 
 def _read_body(settings: Settings) -> tuple[object, str]:
+    """The parsed body and its media type (read once the caller is known: a refusal is recorded as theirs)."""
     data = request.get_data(cache=False)
     if not data:
         if request.method == "PATCH":

@@ -135,7 +135,11 @@ def actor_of(access: AccessContext | None, address: str | None) -> Actor:
 def failure(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and the description an AuditEvent gives of a failed interaction."""
     if isinstance(exc, FhirError):
-        diagnostics = "; ".join(i.diagnostics for i in exc.issues if i.severity in ("error", "fatal"))[:900]
+        errors = [i for i in exc.issues if i.severity in ("error", "fatal")]
+        if exc.status in (400, 422):  # the diagnostics of bad input quote its values (PHI): where and what kind only
+            where = ", ".join(e for i in errors for e in i.expression) or "the request"
+            return exc.status, f"HTTP {exc.status}: {', '.join(sorted({i.code for i in errors})) or exc.code} in {where}"[:900]
+        diagnostics = "; ".join(i.diagnostics for i in errors)[:900]
         return exc.status, f"HTTP {exc.status}: {diagnostics or exc.code}"
     code = getattr(exc, "code", None)
     if isinstance(code, int) and 400 <= code < 600:  # werkzeug's HTTP exceptions (413, 405, ...)

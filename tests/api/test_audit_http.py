@@ -56,6 +56,8 @@ def test_refusals_before_the_engine_are_recorded_with_the_callers_address(raw: F
     assert resp.status_code == 400
     [event] = by_request(storage, tenant, "bad-body-1")
     assert subtype_codes(event) == ["create"] and event["outcome"] == "4"
+    # The token was checked before the body was read: the refusal is the client's, not an anonymous one's.
+    assert event["agent"][0]["who"]["identifier"]["value"] == "test-suite"
     resp = raw.get(f"/fhir/{tenant}/metadata", headers={"X-Request-Id": "metadata-1"})
     assert resp.status_code == 200
     assert subtype_codes(by_request(storage, tenant, "metadata-1")[0]) == ["capabilities"]
