@@ -40,7 +40,9 @@ def _engine(settings: Settings | None = None, *, migration_role: bool = False) -
     from fhir_server.engine.engine import Engine
 
     settings = settings or _settings()
-    return Engine(load_registry(), _storage(settings, migration_role=migration_role), settings)
+    engine = Engine(load_registry(), _storage(settings, migration_role=migration_role), settings)
+    engine.storage.audit_log.inline = True  # a command's records are chained before it exits
+    return engine
 
 
 @click.group()
@@ -185,14 +187,17 @@ def tenants_delete(name: str, crypto_shred: bool, yes: bool) -> None:
         click.confirm(f"Destroy tenant {name!r} and all its data? This cannot be undone", abort=True)
     engine = _engine(settings, migration_role=True)
     storage = engine.storage
-    with storage.db.transaction(write=True) as conn:
+    with storage.db.transaction(write=False) as conn:
         found = [t for t in tenant_store.list_tenants(conn) if t.name == name]
-        if not found:
-            raise click.ClickException(f"no tenant {name!r}")
-        tenant = found[0]
-        tenant_store.shred_keys(conn, tenant)
+    if not found:
+        raise click.ClickException(f"no tenant {name!r}")
+    tenant = found[0]
+    # The server's log records the deletion before the keys go: if it cannot, nothing is destroyed.
     cli_audit.record_server_wide(engine, "tenant-deleted",
-                                 f"tenant {name} (id {tenant.id}) deleted: its keys destroyed, its rows to be removed")
+                                 f"tenant {name} (id {tenant.id}) deleted: its keys destroyed, then its rows removed",
+                                 required=True)
+    with storage.db.transaction(write=True) as conn:
+        tenant_store.shred_keys(conn, tenant)
     click.echo(f"tenant {name}: keys destroyed; its data can no longer be decrypted")
     with click.progressbar(length=0, label="removing rows", show_pos=True) as bar:
         removed = maintenance.purge_tenant(storage, tenant.id, progress=bar.update)
@@ -268,13 +273,13 @@ def keys_rotate(tenant_name: str) -> None:
     engine = _engine(migration_role=True)
     storage = engine.storage
     try:
-        with storage.db.transaction(write=True) as conn:
-            tenant = tenant_store.lookup(conn, tenant_name)
-            version = tenant_store.rotate_data_key(conn, tenant, storage.provider)
+        # The rotation and its audit record commit together (the record is sealed with the key it replaces).
+        with storage.session(tenant_name, write=True, exclusive=True) as repo:
+            version = tenant_store.rotate_data_key(repo.conn, repo.tenant, storage.provider)
+            repo.pending_audit.append(cli_audit.admin_event(
+                tenant_name, "data-key-rotated", f"data key version {version} is now used for new writes"))
     except tenant_store.TenantNotFound:
         raise click.ClickException(f"no tenant {tenant_name!r}") from None
-    cli_audit.record(engine, tenant_name, cli_audit.admin_event(tenant_name, "data-key-rotated",
-                                                               f"data key version {version} is now used for new writes"))
     click.echo(f"tenant {tenant_name}: data key version {version} is now used for new writes")
 
 
@@ -289,6 +294,7 @@ def keys_reencrypt(tenant_name: str, batch_size: int) -> None:
     engine = _engine(migration_role=True)
     storage = engine.storage
     try:
+        storage.audit_log.chain(tenant_name)  # audit records still pending become versions to re-seal too
         total = maintenance.count_stale_versions(storage, tenant_name)
         with click.progressbar(length=total, label="re-encrypting", show_pos=True, file=sys.stderr) as bar:
             done = maintenance.reencrypt(storage, tenant_name, batch_size=batch_size, progress=bar.update)

@@ -42,14 +42,20 @@ def record(engine: Engine, tenant: str, event: dict[str, Any]) -> None:
     engine.audit.append(tenant, [event])
 
 
-def record_server_wide(engine: Engine, code: str, description: str) -> None:
-    """An event of the whole server (a tenant deleted, the master key rotated), in the server's own log."""
+def record_server_wide(engine: Engine, code: str, description: str, *, required: bool = False) -> None:
+    """An event of the whole server (a tenant deleted, the master key rotated), in the server's own log.
+
+    ``required``: the command must not go on unrecorded (it is about to destroy something): a missing server
+    log stops it."""
     from fhir_server.storage.tenants import TenantNotFound
 
     tenant = engine.settings.audit_server_tenant
     try:
         record(engine, tenant, admin_event(tenant, code, description))
     except TenantNotFound:
+        if required:
+            raise click.ClickException(
+                f"the server's audit log (tenant {tenant}) is missing: run `fhir-server migrate` first") from None
         click.echo(f"warning: the server's audit log (tenant {tenant}) is missing: run `fhir-server migrate`", err=True)
 
 

@@ -37,8 +37,9 @@ def test_tenant_lifecycle_and_keys(cli_env: dict[str, str]) -> None:
     assert run(cli_env, "tenants", "create", "Bad_Name", check=False).returncode != 0
     assert name in run(cli_env, "tenants", "list").stdout
     assert "version 2" in run(cli_env, "keys", "rotate", "--tenant", name).stdout
-    # The one version under the old key is the tenant's first audit record ("tenant created").
-    assert "1 versions re-encrypted" in run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
+    # The versions under the old key are the tenant's first audit records: "tenant created", and "data key
+    # rotated", which commits with the rotation and so is sealed with the key it replaced.
+    assert "2 versions re-encrypted" in run(cli_env, "keys", "reencrypt", "--tenant", name).stdout
     assert "re-wrapped" in run(cli_env, "keys", "rotate-master").stdout
     assert len(Path(cli_env["FHIR_MASTER_KEY_FILE"]).read_text().split()) == 1
     # Each command left its record, the re-encryption and the new master key left the chain intact.
@@ -54,6 +55,8 @@ def test_tenant_lifecycle_and_keys(cli_env: dict[str, str]) -> None:
     # The tenant's own log went with it; the server's log keeps its creation and deletion.
     server_log = run(cli_env, "audit", "export", "--tenant", "server-audit").stdout
     assert '"code":"tenant-deleted"' in server_log and f"tenant {name} (id" in server_log
+    assert server_log.count(f"tenant {name} (id") == 2 and '"code":"tenant-created"' in server_log
+    assert "the log is intact" in run(cli_env, "audit", "verify", "--tenant", "server-audit").stdout
     assert run(cli_env, "tenants", "delete", "server-audit", "--crypto-shred", "--yes", check=False).returncode != 0
 
 
