@@ -27,11 +27,7 @@ def auditor(server: Any, request: pytest.FixtureRequest) -> FhirClient:
         if not token:
             pytest.skip("the audit tests need --audit-token (a token that may search AuditEvent) for a server given with --base-url")
         return FhirClient(server.base, lambda renew: token)
-    client = json.loads(server.cli("clients", "create", "--tenant", "default", "--name", "auditor", "--scope",
-                                   "system/AuditEvent.rs", "--secret"))
-    token_url = smart.discover(server.base)["token_endpoint"]
-    return FhirClient(server.base, smart.ClientCredentialsToken(token_url, client["client_id"], client["client_secret"],
-                                                                "system/AuditEvent.rs"))
+    return _backend_client(server, "auditor", "system/AuditEvent.rs")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +35,14 @@ def narrow(server: Any) -> FhirClient:
     """A client allowed to read Observations only (for denials)."""
     if server.env is None:
         pytest.skip("needs a second client of a server given with --base-url")
-    client = json.loads(server.cli("clients", "create", "--tenant", "default", "--name", "narrow", "--scope",
-                                   "system/Observation.rs", "--secret"))
+    return _backend_client(server, "narrow", "system/Observation.rs")
+
+
+def _backend_client(server: Any, name: str, scope: str) -> FhirClient:
+    """A backend-services client registered on the server the tests started, holding ``scope``."""
+    client = json.loads(server.cli("clients", "create", "--tenant", "default", "--name", name, "--scope", scope, "--secret"))
     token_url = smart.discover(server.base)["token_endpoint"]
-    return FhirClient(server.base, smart.ClientCredentialsToken(token_url, client["client_id"], client["client_secret"],
-                                                                "system/Observation.rs"))
+    return FhirClient(server.base, smart.ClientCredentialsToken(token_url, client["client_id"], client["client_secret"], scope))
 
 
 @pytest.fixture(scope="module")
