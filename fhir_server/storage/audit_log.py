@@ -27,6 +27,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+from psycopg import errors as psycopg_errors
+from psycopg import pq
 from sqlalchemy import Connection, and_, delete, exists, insert, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -74,11 +77,22 @@ class Record:
 
 
 _RECORD_COLUMNS = ("res_id", "recorded", "key_version", "sealed", "digest")
-_PG_RECORD = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
-              "VALUES (%(tid)s, %(res_id)s, %(recorded)s, %(digest)s, %(key_version)s, %(sealed)s)")
 _PG_RECORDS = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, key_version, body, digest) SELECT %(tid)s, * FROM "
                "unnest(%(res_id)b::text[], %(recorded)b::bigint[], %(key_version)b::integer[], %(sealed)b::bytea[], "
                "%(digest)b::bytea[])")
+_PG_RECORD = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
+              "VALUES (%(tid)s, %(res_id)s, %(recorded)s, %(digest)s, %(key_version)s, %(sealed)s)")
+# A read's record, a statement of its own: prepared once per connection and run by libpq itself, its parameters as
+# text but for the two byte strings. On this hot path that costs a fifth of psycopg's execute in Python, and libpq
+# waits for the server without holding the GIL. (psycopg deallocates every prepared statement after DDL: a
+# statement found missing is prepared again, which outside a transaction harms nothing.)
+_PG_LEAN_NAME = b"fhir_audit_record"
+_PG_LEAN = (b"INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
+            b"VALUES ($1::integer, $2::text, $3::bigint, $4::bytea, $5::integer, $6::bytea)")
+_PG_LEAN_FORMATS = (0, 0, 0, 1, 0, 1)
+_PREPARED = "fhir_audit_record_prepared"  # in a pooled connection's info: the libpq connection it was prepared on
+_UNDEFINED_STATEMENT = b"26000"
+_DUPLICATE_STATEMENT = b"42P05"
 
 
 def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> None:
@@ -90,7 +104,9 @@ def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> No
     if conn.dialect.name == "postgresql":  # the driver's own execute: a third of SQLAlchemy's cost on this hot path
         driver = conn.connection.driver_connection
         assert driver is not None
-        if len(records) == 1:
+        if len(records) == 1 and driver.autocommit and driver.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            _pg_record_alone(conn.connection.info, driver, tenant_id, records[0])
+        elif len(records) == 1:
             driver.execute(_PG_RECORD, {"tid": tenant_id, **{k: getattr(records[0], k) for k in _RECORD_COLUMNS}})
         else:
             driver.execute(_PG_RECORDS, {"tid": tenant_id, **{k: [getattr(r, k) for r in records] for k in _RECORD_COLUMNS}})
@@ -99,13 +115,47 @@ def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> No
                               "key_version": r.key_version, "body": r.sealed} for r in records])
 
 
-_CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash", "key_version", "body")
+def _pg_record_alone(info: dict[str, Any], driver: psycopg.Connection[Any], tenant_id: int, r: Record) -> None:
+    """One record in a transaction of its own (the connection is outside one: autocommit)."""
+    pgconn = driver.pgconn
+    if info.get(_PREPARED) is not pgconn:
+        _prepare(driver)
+        info[_PREPARED] = pgconn
+    params = (str(tenant_id).encode(), r.res_id.encode(), str(r.recorded).encode(), r.digest, str(r.key_version).encode(),
+              r.sealed)
+    result = pgconn.exec_prepared(_PG_LEAN_NAME, params, _PG_LEAN_FORMATS)
+    if _sqlstate(result) == _UNDEFINED_STATEMENT:
+        _prepare(driver)
+        result = pgconn.exec_prepared(_PG_LEAN_NAME, params, _PG_LEAN_FORMATS)
+    _pg_ok(driver, result)
+
+
+def _prepare(driver: psycopg.Connection[Any]) -> None:
+    result = driver.pgconn.prepare(_PG_LEAN_NAME, _PG_LEAN)
+    if _sqlstate(result) != _DUPLICATE_STATEMENT:
+        _pg_ok(driver, result)
+
+
+def _sqlstate(result: pq.abc.PGresult) -> bytes | None:
+    if result.status != pq.ExecStatus.FATAL_ERROR:
+        return None
+    return result.error_field(pq.DiagnosticField.SQLSTATE)
+
+
+def _pg_ok(driver: psycopg.Connection[Any], result: pq.abc.PGresult) -> None:
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        raise psycopg_errors.error_from_result(result, encoding=driver.info.encoding)
+
+
+_CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash")
 # The chained records: resources of the tenant (current row and version 1, the sealed body as it was pending),
-# rows of the log, waiting for their index; out of the pending rows; and the new head. One statement.
+# rows of the log, waiting for their index; out of the pending rows; and the new head. One statement, its
+# arrays in binary; the bodies go from the pending rows to resource_versions inside the server (every
+# sub-statement sees the same snapshot: the pending rows the DELETE removes are still there for the others).
 _PG_CHAIN = (
-    "WITH x AS (SELECT * FROM unnest(%(seq)b::bigint[], %(res_id)b::text[], %(recorded)b::bigint[], %(digest)b::bytea[], "
-    "  %(prev_hash)b::bytea[], %(hash)b::bytea[], %(key_version)b::integer[], %(body)b::bytea[]) "
-    "  AS x(seq, res_id, recorded, digest, prev_hash, hash, key_version, body)), "
+    "WITH x AS (SELECT x.*, p.key_version, p.body FROM unnest(%(seq)b::bigint[], %(res_id)b::text[], %(recorded)b::bigint[], "
+    "  %(digest)b::bytea[], %(prev_hash)b::bytea[], %(hash)b::bytea[]) AS x(seq, res_id, recorded, digest, prev_hash, hash) "
+    "  JOIN audit_pending p ON p.tenant_id = %(tid)s AND p.res_id = x.res_id), "
     "r AS (INSERT INTO resources (tenant_id, res_type, res_id, version, last_updated, deleted, index_mask) "
     "  SELECT %(tid)s, 'AuditEvent', res_id, 1, recorded, false, 0 FROM x), "
     "v AS (INSERT INTO resource_versions (tenant_id, res_type, res_id, version, last_updated, method, deleted, key_version, body) "
@@ -115,7 +165,7 @@ _PG_CHAIN = (
     "u AS (INSERT INTO audit_unindexed (tenant_id, res_id) SELECT %(tid)s, res_id FROM x), "
     "p AS (DELETE FROM audit_pending WHERE tenant_id = %(tid)s AND res_id = ANY(%(res_id)b::text[])) "
     "UPDATE audit_heads SET seq = %(head_seq)s, hash = %(head_hash)s, checkpoint_seq = %(cp_seq)s, checkpoint_at = %(cp_at)s "
-    "WHERE tenant_id = %(tid)s"
+    "WHERE tenant_id = %(tid)s AND (SELECT count(*) FROM x) = %(n)s"  # no pending row vanished meanwhile
 )
 
 
@@ -206,8 +256,11 @@ class AuditLog:
         head = self._lock_head(conn, tid, wait=wait)
         if head is None:
             return None
+        # PostgreSQL moves the sealed bodies from the pending rows to the resources itself (_PG_CHAIN), so they are
+        # not read here; elsewhere they are carried over.
+        bodies = () if conn.dialect.name == "postgresql" else (P.c.key_version, P.c.body)
         pending = conn.execute(
-            select(P.c.res_id, P.c.recorded, P.c.digest, P.c.key_version, P.c.body).where(P.c.tenant_id == tid)
+            select(P.c.res_id, P.c.recorded, P.c.digest, *bodies).where(P.c.tenant_id == tid)
             .order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)
         ).all()
         seq, prev = head.seq, head.hash
@@ -218,8 +271,11 @@ class AuditLog:
                 seq += 1
                 digest = bytes(p.digest)
                 h = audit_chain.link(key, tid, seq, prev, digest, p.res_id, p.recorded)
-                rows.append({"tenant_id": tid, "seq": seq, "res_id": p.res_id, "recorded": p.recorded, "digest": digest,
-                             "prev_hash": prev, "hash": h, "key_version": p.key_version, "body": bytes(p.body)})
+                row = {"tenant_id": tid, "seq": seq, "res_id": p.res_id, "recorded": p.recorded, "digest": digest,
+                       "prev_hash": prev, "hash": h}
+                if bodies:
+                    row.update(key_version=p.key_version, body=bytes(p.body))
+                rows.append(row)
                 prev = h
             if chained is not None:
                 chained.extend(p.res_id for p in pending)
@@ -244,9 +300,11 @@ class AuditLog:
         if conn.dialect.name == "postgresql":  # one statement, its arrays in binary (see storage/indexing.py)
             driver = conn.connection.driver_connection
             assert driver is not None
-            driver.execute(_PG_CHAIN, {"tid": tid, **{k: [r[k] for r in rows] for k in _CHAIN_COLUMNS},
-                                       "head_seq": head.seq, "head_hash": head.hash, "cp_seq": head.checkpoint_seq,
-                                       "cp_at": head.checkpoint_at})
+            cur = driver.execute(_PG_CHAIN, {"tid": tid, **{k: [r[k] for r in rows] for k in _CHAIN_COLUMNS}, "n": len(rows),
+                                             "head_seq": head.seq, "head_hash": head.hash, "cp_seq": head.checkpoint_seq,
+                                             "cp_at": head.checkpoint_at})
+            if cur.rowcount != 1:  # the transaction rolls back: nothing is chained
+                raise RuntimeError("audit chain: pending records changed while they were chained")
             return
         if rows:
             conn.execute(insert(R), [{"tenant_id": tid, "res_type": AUDIT_EVENT, "res_id": r["res_id"], "version": 1,

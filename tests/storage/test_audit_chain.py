@@ -241,3 +241,53 @@ def test_chaining_is_serial_across_writers(engine: Engine, tenant: str) -> None:
         assert seqs == list(range(1, 41))
         assert repo.conn.execute(select(func.count()).select_from(R).where(
             R.c.tenant_id == repo.tenant.id, R.c.res_type == "AuditEvent")).scalar_one() == 40
+
+
+def test_a_read_is_recorded_after_its_connection_lost_its_prepared_statements(engine: Engine, tenant: str, backend: str) -> None:
+    """On PostgreSQL a read's record goes through a statement prepared on its connection; psycopg deallocates every
+    prepared statement after DDL (and a pooler may reset the session): the record is still written."""
+    if backend != "postgresql":
+        pytest.skip("prepared statements of the read path are PostgreSQL's")
+    call(engine, tenant, "PUT", "Patient/p0", patient("p0"))
+    engine.storage.audit_log.chain(tenant)
+    before = engine.storage.audit_log.verify(tenant).records
+    with engine.storage.shared_reads(tenant) as repo:
+        assert repo.conn.info["fhir_autocommit"]
+        assert call(engine, tenant, "GET", "Patient/p0").status == 200
+        repo.conn.connection.driver_connection.execute("DEALLOCATE ALL")
+        assert call(engine, tenant, "GET", "Patient/p0").status == 200
+        assert call(engine, tenant, "GET", "Patient/p0").status == 200
+    engine.storage.audit_log.chain(tenant)
+    report = engine.storage.audit_log.verify(tenant)
+    assert report.ok and report.records == before + 3 and report.pending == 0, report
+
+
+def test_chaining_writes_nothing_when_a_pending_record_is_gone(engine: Engine, tenant: str, admin: SqlEngine, backend: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL the chaining statement takes the bodies from the pending rows: one that disappears between being
+    read and being chained (an insider deleting it) leaves the chain, the head and the other pending records as they
+    were, instead of a sequence number without a record. (SQLite's chainer carries the bodies itself and holds the
+    database's write lock meanwhile.)"""
+    if backend != "postgresql":
+        pytest.skip("the chaining statement that moves bodies inside the server is PostgreSQL's")
+    make_log(engine, tenant, n=2)
+    for i in range(3):
+        call(engine, tenant, "PUT", f"Patient/q{i}", patient(f"q{i}"))
+    tid = tid_of(engine.storage, tenant)
+    original = audit_log.AuditLog._write_chain
+
+    def tampered(conn: Any, tid_: int, rows: list[dict[str, Any]], head: Any) -> None:
+        with admin.begin() as c:  # deleted after the chainer read it, before its write
+            c.execute(delete(schema.audit_pending).where(schema.audit_pending.c.tenant_id == tid,
+                                                         schema.audit_pending.c.res_id == rows[1]["res_id"]))
+        original(conn, tid_, rows, head)
+
+    monkeypatch.setattr(audit_log.AuditLog, "_write_chain", staticmethod(tampered))
+    with pytest.raises(RuntimeError, match="pending records changed"):
+        engine.storage.audit_log.chain(tenant)
+    monkeypatch.undo()
+    with engine.storage.session(tenant, write=False) as repo:
+        assert repo.conn.execute(select(func.max(L.c.seq)).where(L.c.tenant_id == tid)).scalar_one() == 2
+        assert repo.conn.execute(select(H.c.seq).where(H.c.tenant_id == tid)).scalar_one() == 2
+        assert repo.conn.execute(select(func.count()).select_from(schema.audit_pending)
+                                 .where(schema.audit_pending.c.tenant_id == tid)).scalar_one() == 2
