@@ -53,4 +53,7 @@ def _tls_context(config: Any, default_ssl_context_factory: Any) -> ssl.SSLContex
 
 
 def run(settings: Settings) -> None:
+    from fhir_server.storage import audit_log
+
+    audit_log.share_busy_clock()  # before the workers are forked: their chainers index when all of them are idle
     GunicornServer(settings).run()

@@ -13,7 +13,7 @@
 Each AuditEvent is stored as a resource of its tenant with a pending row for the chain (``storage/audit_log.py``);
 after the commit the process's chainer is kicked, the monitoring rules' alerts are logged, and each record is
 mirrored to the sink, if one is set. The chainer chains records within moments, and writes their search index
-(``index``) when the process is idle, or falls too far behind; a search of AuditEvents catches up first, so it
+(``index``) when the server is idle, or falls too far behind; a search of AuditEvents catches up first, so it
 finds every record committed before it (``catch_up``).
 """
 

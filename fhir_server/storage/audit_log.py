@@ -9,9 +9,10 @@ lets them gather for a moment), so that no write or read waits on the tenant-wid
 the moment its interaction commits, and chained within a fraction of a second.
 
 Chained records wait in ``audit_unindexed`` for their search index (extracted with the engine's ``indexer``),
-which the chainer writes when its process has been idle for a moment, or at once when too many wait: a record's
-index rows cost more than the read it records, and are not needed until someone searches the log; a search of
-AuditEvents catches up first (``catch_up``), so it finds every record committed before it.
+which the chainer writes when the server has been idle for a moment (no interaction in any of its worker processes:
+``BusyClock``), or at once when too many wait: a record's index rows cost more than the read it records, and are
+not needed until someone searches the log; a search of AuditEvents catches up first (``catch_up``), so it finds
+every record committed before it.
 
 ``verify`` reads the whole log back and checks it; ``events`` streams the AuditEvents of a time range.
 """
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,8 +63,35 @@ CHAIN_BATCH = 5000
 READ_BATCH = 1000
 CHAIN_DELAY = 0.2  # seconds the chainer lets records gather after it is kicked
 INDEX_BATCH = 200  # records indexed per transaction (small: an idle moment's work ends soon when requests come)
-IDLE_SECONDS = 0.25  # a process this long without an interaction is idle: its chainer indexes
+IDLE_SECONDS = 0.25  # a server this long without an interaction in any of its processes is idle: chainers index
 MAX_UNINDEXED = 20_000  # records a process lets wait for their index before it indexes them while busy
+
+
+class BusyClock:
+    """When an interaction last began, in a page of memory that the worker processes of one server share (made
+    before they are forked: ``share_busy_clock``), or in one process's own. Idle means idle everywhere: with a
+    clock per process, a worker that the load balancer happens to leave without connections would call itself idle
+    and index the records of the others while they serve, taking the CPU their requests need."""
+
+    _FORMAT = struct.Struct("d")
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and shared: a child forked after this sees our writes
+
+    def mark(self) -> None:
+        self._FORMAT.pack_into(self._page, 0, time.monotonic())  # CLOCK_MONOTONIC: one clock for every process
+
+    def idle(self) -> bool:
+        return time.monotonic() - self._FORMAT.unpack_from(self._page, 0)[0] >= IDLE_SECONDS
+
+
+_shared_clock: BusyClock | None = None
+
+
+def share_busy_clock() -> None:
+    """Called by a server's master process before it forks its workers: their audit logs share one busy clock."""
+    global _shared_clock
+    _shared_clock = BusyClock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,15 +229,15 @@ class AuditLog:
         self.policy = policy
         self.indexer: Indexer | None = None
         self.inline = False  # chain at once in the caller's thread (the command line: it exits before a chainer would)
-        self._last_busy = 0.0
+        self._clock = _shared_clock or BusyClock()
         self._chainer = _Chainer(self)
 
     def busy(self) -> None:
-        """An interaction is under way in this process (the chainer leaves indexing for later)."""
-        self._last_busy = time.monotonic()
+        """An interaction is under way in this server (the chainers leave indexing for later)."""
+        self._clock.mark()
 
     def idle(self) -> bool:
-        return time.monotonic() - self._last_busy >= IDLE_SECONDS
+        return self._clock.idle()
 
     def kick(self, tenant_name: str) -> None:
         """Chain the tenant's pending records soon, in this process's chainer thread (or now, ``inline``)."""
@@ -501,7 +531,7 @@ class _HeadRow:
 
 class _Chainer:
     """A thread per process: it chains the tenants it is told about, a moment after their records commit (letting
-    them gather), indexes the records it chained when its process is idle (or everything waiting, when too much
+    them gather), indexes the records it chained when its server is idle (or everything waiting, when too much
     waits), and signs a checkpoint for each tenant when one is due and nothing else happens."""
 
     def __init__(self, log_: AuditLog) -> None:
@@ -575,7 +605,7 @@ class _Chainer:
             chained.clear()
 
     def _index(self, name: str) -> None:
-        """Index batch by batch while the process stays idle (or, in a sweep, until nothing waits)."""
+        """Index batch by batch while the server stays idle (or, in a sweep, until nothing waits)."""
         while not self._stopping and not self._dirty:
             if name in self._sweep:
                 if self.log.index(name) < INDEX_BATCH:

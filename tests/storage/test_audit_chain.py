@@ -291,3 +291,26 @@ def test_chaining_writes_nothing_when_a_pending_record_is_gone(engine: Engine, t
         assert repo.conn.execute(select(H.c.seq).where(H.c.tenant_id == tid)).scalar_one() == 2
         assert repo.conn.execute(select(func.count()).select_from(schema.audit_pending)
                                  .where(schema.audit_pending.c.tenant_id == tid)).scalar_one() == 2
+
+
+def test_the_busy_clock_is_one_for_the_workers_forked_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers of one server are idle only when all of them are: a worker that serves no request must not index
+    (taking the CPU) while another serves."""
+    import os
+    import time
+
+    monkeypatch.setattr(audit_log, "_shared_clock", None)
+    audit_log.share_busy_clock()
+    clock = audit_log._shared_clock
+    assert clock is not None and clock.idle()
+    pid = os.fork()
+    if pid == 0:  # a worker that serves a request
+        clock.mark()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not clock.idle()  # seen by this process, which served nothing
+    time.sleep(audit_log.IDLE_SECONDS + 0.05)
+    assert clock.idle()
+    own = audit_log.BusyClock()  # a process's own clock (no server forked it) is not the shared one
+    own.mark()
+    assert not own.idle() and clock.idle()
