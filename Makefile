@@ -32,12 +32,14 @@ test-conformance: install
 
 ## Benchmarks against a PostgreSQL-backed server started as in production (see benchmarks/README.md).
 bench: install bench-tools
-	FHIR_BENCH_POSTGRES_URL=$$(tools/ensure_postgres.sh) $(BIN)/python -m benchmarks.run
+	FHIR_BENCH_POSTGRES_URL=$$(tools/ensure_postgres.sh) $(BIN)/python -m benchmarks.run --profile
 
 bench-quick: install bench-tools
 	FHIR_BENCH_POSTGRES_URL=$$(tools/ensure_postgres.sh) $(BIN)/python -m benchmarks.run --quick
 
-bench-tools:
+## wrk (Debian package) drives the load; py-spy (PyPI, pinned in requirements.lock) profiles with --profile.
+bench-tools: install
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet -c requirements.lock py-spy
 	@command -v wrk >/dev/null 2>&1 || { echo "installing wrk (Debian package)"; DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; }; }
 
 ## Rebuild the package data from the official definitions in ../shared (developers only).

@@ -75,8 +75,10 @@ def shared_bundle() -> dict[str, Any]:
         for r in resources]}
 
 
-def patients(n: int, seed: int = 20261123) -> Iterator[dict[str, Any]]:
-    for i in range(n):
+def patients(n: int, seed: int = 20261123, *, start: int = 0) -> Iterator[dict[str, Any]]:
+    """Patients ``start`` to ``n - 1``: each is seeded by its own number, so patient i is the same in every data set
+    (D2 is D1 and 9,000 more)."""
+    for i in range(start, n):
         yield patient_bundle(i, random.Random(f"{seed}-{i}"))
 
 

@@ -1,6 +1,6 @@
 """Run the benchmark workloads against a PostgreSQL-backed server started as in production.
 
-    python -m benchmarks.run [--quick] [--patients N] [--seconds S]
+    python -m benchmarks.run [--quick] [--patients N] [--seconds S] [--profile] [--skip-d2] [--d2-patients N]
 
 Writes benchmarks/results/<date>-<commit>.json and prints a Markdown table. See benchmarks/README.md.
 """
@@ -19,14 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from benchmarks import datagen
+from benchmarks import datagen, profiling
 from benchmarks.harness import BIN, DEFAULT_ADMIN, ROOT, Database, Server, create_database, start_fhir_server, start_gunicorn_app, wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=None, help="duration of each wrk run")
     parser.add_argument("--only", choices=["audit", "encryption"], default=None,
                         help="run only this same-build comparison (quick to repeat while working on one cost)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each workload's measured run, run it again under py-spy and report where the time goes")
+    parser.add_argument("--skip-d2", action="store_true", help="a full run without W8 (loading D2 takes about 20 minutes)")
+    parser.add_argument("--d2-patients", type=int, default=10000, help="patients in the large data set of W8 (D2 = 10000)")
     parser.add_argument("--admin-url", default=os.environ.get("FHIR_BENCH_POSTGRES_URL") or os.environ.get("FHIR_TEST_POSTGRES_URL") or DEFAULT_ADMIN)
     args = parser.parse_args(argv)
     patients = args.patients or (60 if args.quick else 1000)
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                      "audit": "on: an AuditEvent for every request", "encryption": "aes-256-gcm"},
         "workloads": {},
         "baselines": {},
+        "profiles": {},
     }
     databases: list[Database] = []
     servers: list[Server] = []
@@ -71,26 +76,28 @@ def main(argv: list[str] | None = None) -> int:
         bundles = list(datagen.patients(patients))
         results["workloads"]["W1"] = ingest(server, bundles, uploaders=4)
         analyze(db)  # fresh statistics, as autovacuum would gather on a database in service
-        paths = _write_paths(work, server, bundles)
+        records = [_record(b) for b in bundles]
+        paths = _write_paths(work, server, records)
         w = results["workloads"]
-        w["W2"] = {
-            "1 connection": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=1, threads=1, seconds=seconds, headers=server.headers()).__dict__,
-            "16 connections": wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=16, threads=2, seconds=seconds, headers=server.headers()).__dict__,
-        }
-        _log("W2 done")
-        w["W3"] = wrk(server.base_url, "crud.lua", [_path(server), "w3"], connections=32, threads=32, seconds=seconds, headers=server.headers()).__dict__
-        _log("W3 done")
-        w["W4"] = wrk(server.base_url, "paths.lua", [str(paths["search"])], connections=16, threads=2, seconds=seconds, headers=server.headers()).__dict__
-        _log("W4 done")
+        profile = _profiler(server, work, results["profiles"]) if args.profile else None
+        w.update(read_search_workloads(server, paths, seconds, profile, "w3"))
         w["W5"] = count_workload(server, paths, seconds)
+        if profile:
+            profile("W5", lambda s: count_workload(server, paths, s))
         _log("W5 done")
         w["W6"] = readout(server)
+        if profile:
+            profile("W6", lambda s: _repeat(s, lambda: readout(server)))
         _log("W6 done")
         w["chains"] = chain_queries(server, db)
         _log("chain and _has queries done")
+        loaded = patients
+        if profile:  # W1 again, on patients that come after the data set: D2 carries on from them
+            more = _counted(_until(10, datagen.patients(args.d2_patients, start=loaded)))
+            profile("W1", lambda s: ingest(server, more, uploaders=4, keep=lambda b: records.append(_record(b))))
+            loaded += more.count
         for name in ("W7", "W9"):
             w[name] = {"status": "not run: the feature has not landed ($everything, HL7 v2)"}
-        w["W8"] = {"status": "not run in this mode" if args.quick else "not run: D2 (10,000 patients) loading not attempted; see README"}
         results["peak_worker_rss_mib"] = server.peak_rss_mib()
         results["baselines"] = baselines(work, db, server, paths, seconds)
         _log("baselines done")
@@ -98,14 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         _log("encryption comparison done")
         results["audit"] = audit_cost(work, args.admin_url, bundles[:small], seconds, databases, servers)
         _log("audit comparison done")
+        if args.quick or args.skip_d2:
+            w["W8"] = {"status": f"not run in this mode ({'quick' if args.quick else '--skip-d2'})"}
+        else:
+            _retire(servers[1:], databases[1:])  # the comparison servers: D2 has the machine to itself
+            del servers[1:], databases[1:]
+            del bundles
+            w["W8"] = large_data_set(work, server, db, records, loaded, args.d2_patients, seconds, w, profile)
+            results["peak_worker_rss_mib"] = max(results["peak_worker_rss_mib"], server.peak_rss_mib())
+            _log("W8 done")
     finally:
-        for s in servers:
-            s.stop()
-        for d in databases:
-            try:
-                d.drop()
-            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
-                _log(f"could not drop {d.name}: {exc}")
+        _retire(servers, databases)
     RESULTS.mkdir(exist_ok=True)
     sized = f"-{patients}-patients" if args.patients else ""  # a non-default size never overwrites a default run
     out = RESULTS / f"{dt.date.today().isoformat()}-{results['commit']}{'-quick' if args.quick else ''}{sized}.json"
@@ -113,6 +123,98 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results))
     print(f"\nresults written to {out.relative_to(ROOT)}")
     return 0
+
+
+def _retire(servers: list[Server], databases: list[Database]) -> None:
+    for s in servers:
+        s.stop()
+    for d in databases:
+        try:
+            d.drop()
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the results
+            _log(f"could not drop {d.name}: {exc}")
+
+
+def read_search_workloads(server: Server, paths: dict[str, Path], seconds: int,
+                          profile: Callable[[str, Callable[[int], Any]], None] | None, run_id: str) -> dict[str, Any]:
+    """W2 (read by id, 1 and 16 connections), W3 (create/read/update/delete) and W4 (search mix): what W8 repeats."""
+    def reads(connections: int, threads: int) -> Callable[[int], Any]:
+        return lambda s: wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=connections, threads=threads,
+                             seconds=s, headers=server.headers()).__dict__
+
+    def crud(s: int, suffix: str = "") -> dict[str, Any]:
+        return wrk(server.base_url, "crud.lua", [_path(server), run_id + suffix], connections=32, threads=32, seconds=s,
+                   headers=server.headers()).__dict__
+
+    def search(s: int) -> dict[str, Any]:
+        return wrk(server.base_url, "paths.lua", [str(paths["search"])], connections=16, threads=2, seconds=s,
+                   headers=server.headers()).__dict__
+
+    out: dict[str, Any] = {"W2": {"1 connection": reads(1, 1)(seconds), "16 connections": reads(16, 2)(seconds)}}
+    prefix = "" if run_id == "w3" else f"{run_id} "
+    if profile:
+        profile(f"{prefix}W2 16 connections", reads(16, 2))
+    _log(f"{prefix}W2 done")
+    out["W3"] = crud(seconds)
+    if profile:
+        profile(f"{prefix}W3", lambda s: crud(s, "p"))
+    _log(f"{prefix}W3 done")
+    out["W4"] = search(seconds)
+    if profile:
+        profile(f"{prefix}W4", search)
+    _log(f"{prefix}W4 done")
+    return out
+
+
+def _profiler(server: Server, work: Path, into: dict[str, Any]) -> Callable[[str, Callable[[int], Any]], None]:
+    """``profile(name, run)``: ``run(seconds)`` once more under py-spy (after the measured run, so that the figures
+    are not the profiler's); the summary goes into ``into``, the collapsed stacks into results/profiles/."""
+    folder = RESULTS / "profiles" / f"{dt.date.today().isoformat()}-{_commit()}"
+
+    def profile(name: str, run: Callable[[int], Any]) -> None:
+        if not profiling.available():
+            into[name] = {"error": "py-spy is not installed (make bench-tools installs it)"}
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / (name.replace(" ", "-").replace("/", "-") + ".txt")
+        into[name] = profiling.sample(server.proc.pid, out, PROFILE_SECONDS, lambda: run(PROFILE_SECONDS))
+        _log(f"{name} profiled")
+
+    return profile
+
+
+PROFILE_SECONDS = 8
+
+
+def _repeat(seconds: int, run: Callable[[], Any]) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        run()
+
+
+def _until(seconds: float, items: Iterable[Any]) -> Iterator[Any]:
+    """``items`` until ``seconds`` have passed since the first was taken."""
+    deadline = None
+    for item in items:
+        deadline = deadline or time.monotonic() + seconds
+        if time.monotonic() > deadline:
+            return
+        yield item
+
+
+class _counted:
+    """An iterator that counts what it gave."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self) -> _counted:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.count += 1
+        return item
 
 
 def _only(which: str, work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int) -> int:
@@ -147,22 +249,36 @@ def _path(server: Server) -> str:
 
 # --- W1: ingest --------------------------------------------------------------------------------------
 
-def ingest(server: Server, bundles: list[dict[str, Any]], *, uploaders: int) -> dict[str, Any]:
-    """Each patient's record posted as one transaction Bundle, by ``uploaders`` concurrent clients."""
-    sessions = threading.local()
+def ingest(server: Server, bundles: Iterable[dict[str, Any]], *, uploaders: int,
+           keep: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Each patient's record posted as one transaction Bundle, by ``uploaders`` concurrent clients. ``bundles`` may be
+    a generator (D2 is never in memory whole); ``keep`` sees each Bundle once the server has stored it."""
+    source = iter(bundles)
+    lock = threading.Lock()
+    total = 0
+    failures: list[str] = []
 
-    def upload(bundle: dict[str, Any]) -> int:
-        http = getattr(sessions, "http", None)
-        if http is None:
-            http = sessions.http = requests.Session()
-        r = http.post(server.base_url, data=json.dumps(bundle), headers={**FHIR_JSON, **server.headers()}, timeout=300)
-        if r.status_code != 200:
-            raise RuntimeError(f"ingest failed: {r.status_code} {r.text[:300]}")
-        return len(bundle["entry"])
+    def uploader() -> None:
+        nonlocal total
+        http = requests.Session()
+        while True:
+            with lock:
+                bundle = None if failures else next(source, None)
+            if bundle is None:
+                return
+            r = http.post(server.base_url, data=json.dumps(bundle), headers={**FHIR_JSON, **server.headers()}, timeout=300)
+            with lock:
+                if r.status_code != 200:
+                    failures.append(f"ingest failed: {r.status_code} {r.text[:300]}")  # the other uploaders stop
+                    raise RuntimeError(failures[-1])
+                total += len(bundle["entry"])
+                if keep:
+                    keep(bundle)
 
     started = time.monotonic()
     with ThreadPoolExecutor(uploaders) as pool:
-        total = sum(pool.map(upload, bundles))
+        for done in [pool.submit(uploader) for _ in range(uploaders)]:
+            done.result()
     elapsed = time.monotonic() - started
     return {"resources": total, "seconds": round(elapsed, 1), "resources_per_s": round(total / elapsed, 1),
             "method": f"one transaction Bundle per patient, {uploaders} concurrent uploaders"}
@@ -175,12 +291,17 @@ def analyze(db: Database) -> None:
         conn.execute("ANALYZE")
 
 
-def _write_paths(work: Path, server: Server, bundles: list[dict[str, Any]]) -> dict[str, Path]:
+def _record(bundle: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """What the workloads need of a stored patient Bundle: its resources' ``Type/id`` and the Patient."""
+    return [e["request"]["url"] for e in bundle["entry"]], bundle["entry"][0]["resource"]
+
+
+def _write_paths(work: Path, server: Server, records: list[tuple[list[str], dict[str, Any]]], name: str = "") -> dict[str, Path]:
     base = _path(server)
     rnd = random.Random(7)
-    reads = [f"{base}{e['request']['url']}" for b in bundles for e in b["entry"]]
+    reads = [f"{base}{url}" for urls, _ in records for url in urls]
     rnd.shuffle(reads)
-    patients = [b["entry"][0]["resource"] for b in bundles]
+    patients = [patient for _, patient in records]
     searches = []
     for i in range(400):
         p = rnd.choice(patients)
@@ -197,11 +318,34 @@ def _write_paths(work: Path, server: Server, bundles: list[dict[str, Any]]) -> d
             searches.append(f"{base}Patient?family={p['name'][0]['family'][:4]}&_count=20")
         else:  # _include
             searches.append(f"{base}MedicationRequest?patient={p['id']}&_include=MedicationRequest:patient&_count=20")
-    paths = {"reads": work / "reads.txt", "search": work / "search.txt", "ids": work / "ids.txt"}
+    paths = {kind: work / f"{kind}{name}.txt" for kind in ("reads", "search", "ids")}
     paths["reads"].write_text("\n".join(reads) + "\n")
     paths["search"].write_text("\n".join(searches) + "\n")
-    paths["ids"].write_text("\n".join(e["request"]["url"] for b in bundles for e in b["entry"]) + "\n")
+    paths["ids"].write_text("\n".join(url for urls, _ in records for url in urls) + "\n")
     return paths
+
+
+# --- W8: the large data set ------------------------------------------------------------------------------
+
+def large_data_set(work: Path, server: Server, db: Database, records: list[tuple[list[str], dict[str, Any]]], loaded: int,
+                   size: int, seconds: int, d1: dict[str, Any],
+                   profile: Callable[[str, Callable[[int], Any]], None] | None) -> dict[str, Any]:
+    """D2: the same server loaded on to ``size`` patients, then W2 to W4 again, compared with their D1 figures."""
+    _log(f"loading D2: patients {loaded} to {size - 1}")
+    load = ingest(server, datagen.patients(size, start=loaded), uploaders=4, keep=lambda b: records.append(_record(b)))
+    _log(f"D2 loaded: {load['resources']} resources in {load['seconds']} s")
+    analyze(db)
+    paths = _write_paths(work, server, records, "-d2")
+    out: dict[str, Any] = {"patients": size, "load": load, **read_search_workloads(server, paths, seconds, profile, "w8")}
+    one, many = ("1 connection", "16 connections")
+    out["slowdown"] = {  # how many times slower on D2 than on D1 (goal: at most 2)
+        "W2 p50 at 1 connection": round(out["W2"][one]["p50_ms"] / d1["W2"][one]["p50_ms"], 2),
+        "W2 req/s at 16 connections": round(d1["W2"][many]["rps"] / out["W2"][many]["rps"], 2),
+        "W3 req/s": round(d1["W3"]["rps"] / out["W3"]["rps"], 2),
+        "W4 req/s": round(d1["W4"]["rps"] / out["W4"]["rps"], 2),
+        "W4 p95": round(out["W4"]["p95_ms"] / d1["W4"]["p95_ms"], 2),
+    }
+    return out
 
 
 # --- W5, W6 --------------------------------------------------------------------------------------------
@@ -463,7 +607,19 @@ def report(r: dict[str, Any]) -> str:
         rows.append(("chain", f"{name}: {c['query']} over {ch['observations']} Observations",
                      f"p50 {c['p50_ms']} ms ({c['matches']} matches; indexes used: {c['uses_indexes']})",
                      "< 100 ms", verdict(c["p50_ms"] < 100 and c["uses_indexes"])))
-    for name in ("W7", "W8", "W9"):
+    w8 = w["W8"]
+    if "slowdown" in w8:
+        for k, ratio in w8["slowdown"].items():
+            rows.append(("W8", f"{k} on D2 ({w8['patients']} patients) vs D1", f"{ratio}x", "<= 2x", verdict(ratio <= 2)))
+        e = w8["W2"]["16 connections"], w8["W3"], w8["W4"]
+        rows.append(("W8", "D2 figures: W2/16, W3, W4",
+                     f"p50/1 {w8['W2']['1 connection']['p50_ms']} ms; {e[0]['rps']} / {e[1]['rps']} (p99 {e[1]['p99_ms']} ms) / "
+                     f"{e[2]['rps']} req/s (p95 {e[2]['p95_ms']} ms); {sum(x['errors'] for x in e)} errors",
+                     "see W2-W4", verdict(all(x["errors"] == 0 for x in e))))
+        rows.append(("W8", "D2 loading (not a goal)", f"{w8['load']['resources_per_s']} resources/s ({w8['load']['resources']} in {w8['load']['seconds']} s)", "-", ""))
+    else:
+        rows.append(("W8", w8["status"], "-", "-", "-"))
+    for name in ("W7", "W9"):
         rows.append((name, w[name]["status"], "-", "-", "-"))
     rows.append(("B_http", "gunicorn + Flask, fixed 1 KB JSON, 16 connections", f"{b['B_http']['rps']} req/s, p50 {b['B_http']['p50_ms']} ms", "baseline", ""))
     rows.append(("B_pk", "PK SELECT + decrypt of one encrypted row, 16 connections", f"{b['B_pk']['rps']} req/s, p50 {b['B_pk']['p50_ms']} ms", "baseline", ""))
@@ -489,6 +645,10 @@ def report(r: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(str(c).ljust(widths[j]) for j, c in enumerate(row)) + " |")
         if i == 0:
             lines.append("|" + "|".join("-" * (wd + 2) for wd in widths) + "|")
+    if r.get("profiles"):
+        lines += ["", f"Profiles (py-spy, {profiling.RATE} Hz, {PROFILE_SECONDS} s of each workload run again; share of "
+                      "the server's samples; stacks in benchmarks/results/profiles/):"]
+        lines += [profiling.markdown(name, p) for name, p in r["profiles"].items()]
     return "\n".join(lines)
 
 
