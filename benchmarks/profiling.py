@@ -11,6 +11,7 @@ same seconds between the server's processes, PostgreSQL's, and everything else (
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import subprocess
@@ -46,7 +47,11 @@ def sample(master_pid: int, out: Path, seconds: int, run: Callable[[], Any]) -> 
     worker.join()
     if spy.returncode != 0 or not out.exists():
         return {"error": f"py-spy failed: {log[-500:]}"}
-    return {**summarize(out.read_text()), "cpu_pct": _cpu_shares(before, after), "stacks": str(out.name)}
+    stacks = out.read_bytes()
+    packed = out.with_name(out.name + ".gz")
+    packed.write_bytes(gzip.compress(stacks))  # a twentieth of the size: results/ is kept in the repository
+    out.unlink()
+    return {**summarize(stacks.decode()), "cpu_pct": _cpu_shares(before, after), "stacks": packed.name}
 
 
 def _cpu(master_pid: int) -> dict[str, float]:
