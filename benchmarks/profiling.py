@@ -28,15 +28,19 @@ RATE = 97  # samples per second per thread (prime: no lock-step with periodic wo
 TOP = 12
 
 
+def _executable() -> str | None:
+    """py-spy in the virtual environment (make bench-tools puts it there), else on the PATH."""
+    return str(BIN / "py-spy") if (BIN / "py-spy").exists() else shutil.which("py-spy")
+
+
 def available() -> bool:
-    return (BIN / "py-spy").exists() or shutil.which("py-spy") is not None
+    return _executable() is not None
 
 
 def sample(master_pid: int, out: Path, seconds: int, run: Callable[[], Any]) -> dict[str, Any]:
     """Profile the process tree of ``master_pid`` for ``seconds`` while ``run`` (a workload lasting about as long)
     runs; the collapsed stacks go to ``out``, their summary is returned."""
-    exe = str(BIN / "py-spy") if (BIN / "py-spy").exists() else "py-spy"
-    spy = subprocess.Popen([exe, "record", "--pid", str(master_pid), "--subprocesses", "--nonblocking", "--function",
+    spy = subprocess.Popen([str(_executable()), "record", "--pid", str(master_pid), "--subprocesses", "--nonblocking", "--function",
                             "--rate", str(RATE), "--duration", str(seconds), "--format", "raw", "--output", str(out)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     worker = threading.Thread(target=run)

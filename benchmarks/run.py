@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only this same-build comparison (quick to repeat while working on one cost)")
     parser.add_argument("--profile", action="store_true",
                         help="after each workload's measured run, run it again under py-spy and report where the time goes")
-    parser.add_argument("--skip-d2", action="store_true", help="a full run without W8 (loading D2 takes about 20 minutes)")
+    parser.add_argument("--skip-d2", action="store_true", help="a full run without W8 (loading D2 takes about 25 minutes)")
     parser.add_argument("--d2-patients", type=int, default=10000, help="patients in the large data set of W8 (D2 = 10000)")
     parser.add_argument("--admin-url", default=os.environ.get("FHIR_BENCH_POSTGRES_URL") or os.environ.get("FHIR_TEST_POSTGRES_URL") or DEFAULT_ADMIN)
     args = parser.parse_args(argv)
@@ -91,11 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         _log("W6 done")
         w["chains"] = chain_queries(server, db)
         _log("chain and _has queries done")
-        loaded = patients
         if profile:  # W1 again, on patients that come after the data set: D2 carries on from them
-            more = _counted(_until(10, datagen.patients(args.d2_patients, start=loaded)))
+            more = _until(10, datagen.patients(args.d2_patients, start=len(records)))
             profile("W1", lambda s: ingest(server, more, uploaders=4, keep=lambda b: records.append(_record(b))))
-            loaded += more.count
         for name in ("W7", "W9"):
             w[name] = {"status": "not run: the feature has not landed ($everything, HL7 v2)"}
         results["peak_worker_rss_mib"] = server.peak_rss_mib()
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             _retire(servers[1:], databases[1:])  # the comparison servers: D2 has the machine to itself
             del servers[1:], databases[1:]
             del bundles
-            w["W8"] = large_data_set(work, server, db, records, loaded, args.d2_patients, seconds, w, profile)
+            w["W8"] = large_data_set(work, server, db, records, args.d2_patients, seconds, w, profile)
             results["peak_worker_rss_mib"] = max(results["peak_worker_rss_mib"], server.peak_rss_mib())
             _log("W8 done")
     finally:
@@ -202,21 +200,6 @@ def _until(seconds: float, items: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
-class _counted:
-    """An iterator that counts what it gave."""
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        self.items, self.count = iter(items), 0
-
-    def __iter__(self) -> _counted:
-        return self
-
-    def __next__(self) -> Any:
-        item = next(self.items)
-        self.count += 1
-        return item
-
-
 def _only(which: str, work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int) -> int:
     databases: list[Database] = []
     servers: list[Server] = []
@@ -299,7 +282,8 @@ def _record(bundle: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
 def _write_paths(work: Path, server: Server, records: list[tuple[list[str], dict[str, Any]]], name: str = "") -> dict[str, Path]:
     base = _path(server)
     rnd = random.Random(7)
-    reads = [f"{base}{url}" for urls, _ in records for url in urls]
+    ids = [url for urls, _ in records for url in urls]
+    reads = [f"{base}{url}" for url in ids]
     rnd.shuffle(reads)
     patients = [patient for _, patient in records]
     searches = []
@@ -321,16 +305,19 @@ def _write_paths(work: Path, server: Server, records: list[tuple[list[str], dict
     paths = {kind: work / f"{kind}{name}.txt" for kind in ("reads", "search", "ids")}
     paths["reads"].write_text("\n".join(reads) + "\n")
     paths["search"].write_text("\n".join(searches) + "\n")
-    paths["ids"].write_text("\n".join(url for urls, _ in records for url in urls) + "\n")
+    paths["ids"].write_text("\n".join(ids) + "\n")
     return paths
 
 
 # --- W8: the large data set ------------------------------------------------------------------------------
 
-def large_data_set(work: Path, server: Server, db: Database, records: list[tuple[list[str], dict[str, Any]]], loaded: int,
+def large_data_set(work: Path, server: Server, db: Database, records: list[tuple[list[str], dict[str, Any]]],
                    size: int, seconds: int, d1: dict[str, Any],
                    profile: Callable[[str, Callable[[int], Any]], None] | None) -> dict[str, Any]:
-    """D2: the same server loaded on to ``size`` patients, then W2 to W4 again, compared with their D1 figures."""
+    """D2: the same server loaded on to ``size`` patients, then W2 to W4 again, compared with their D1 figures.
+    ``records`` holds every patient stored so far, in order (ingest's uploaders take patients in order and store
+    every one they take), so D2 carries on from the next."""
+    loaded = len(records)
     _log(f"loading D2: patients {loaded} to {size - 1}")
     load = ingest(server, datagen.patients(size, start=loaded), uploaders=4, keep=lambda b: records.append(_record(b)))
     _log(f"D2 loaded: {load['resources']} resources in {load['seconds']} s")
