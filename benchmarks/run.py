@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-url", default=os.environ.get("FHIR_BENCH_POSTGRES_URL") or os.environ.get("FHIR_TEST_POSTGRES_URL") or DEFAULT_ADMIN)
     args = parser.parse_args(argv)
     patients = args.patients or (60 if args.quick else 1000)
-    seconds = args.seconds or (6 if args.quick else 20)
+    seconds = args.seconds or (5 if args.quick else 20)
     small = 20 if args.quick else 100
+    rounds = 3 if args.quick else 5  # of each same-build comparison (compared by their medians)
     work = Path(tempfile.mkdtemp(prefix="fhir-bench-"))
     if args.only:
         return _only(args.only, work, args.admin_url, list(datagen.patients(small)), seconds)
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": {},
         "baselines": {},
         "profiles": {},
+        "audit_backlog": {},
     }
     databases: list[Database] = []
     servers: list[Server] = []
@@ -74,22 +76,27 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"server up at {server.base_url}; loading {patients} patients")
         ingest(server, [datagen.shared_bundle()], uploaders=1)
         bundles = list(datagen.patients(patients))
+        settle = _settler(server, results["audit_backlog"])
         results["workloads"]["W1"] = ingest(server, bundles, uploaders=4)
+        settle("W1")
         analyze(db)  # fresh statistics, as autovacuum would gather on a database in service
         records = [_record(b) for b in bundles]
         paths = _write_paths(work, server, records)
         w = results["workloads"]
-        profile = _profiler(server, work, results["profiles"]) if args.profile else None
-        w.update(read_search_workloads(server, paths, seconds, profile, "w3"))
+        profile = _profiler(server, work, results["profiles"], settle) if args.profile else None
+        w.update(read_search_workloads(server, paths, seconds, profile, "w3", settle))
         w["W5"] = count_workload(server, paths, seconds)
+        settle("W5")
         if profile:
             profile("W5", lambda s: count_workload(server, paths, s))
         _log("W5 done")
         w["W6"] = readout(server)
+        settle("W6")
         if profile:
             profile("W6", lambda s: _repeat(s, lambda: readout(server)))
         _log("W6 done")
         w["chains"] = chain_queries(server, db)
+        settle("chains")
         _log("chain and _has queries done")
         if profile:  # W1 again, on patients that come after the data set: D2 carries on from them
             more = _until(10, datagen.patients(args.d2_patients, start=len(records)))
@@ -99,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         results["peak_worker_rss_mib"] = server.peak_rss_mib()
         results["baselines"] = baselines(work, db, server, paths, seconds)
         _log("baselines done")
-        results["encryption"] = encryption_cost(work, args.admin_url, bundles[:small], seconds, databases, servers)
+        results["encryption"] = encryption_cost(work, args.admin_url, bundles[:small], seconds, databases, servers, rounds)
         _log("encryption comparison done")
-        results["audit"] = audit_cost(work, args.admin_url, bundles[:small], seconds, databases, servers)
+        results["audit"] = audit_cost(work, args.admin_url, bundles[:small], seconds, databases, servers, rounds)
         _log("audit comparison done")
         if args.quick or args.skip_d2:
             w["W8"] = {"status": f"not run in this mode ({'quick' if args.quick else '--skip-d2'})"}
@@ -109,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             _retire(servers[1:], databases[1:])  # the comparison servers: D2 has the machine to itself
             del servers[1:], databases[1:]
             del bundles
-            w["W8"] = large_data_set(work, server, db, records, args.d2_patients, seconds, w, profile)
+            w["W8"] = large_data_set(work, server, db, records, args.d2_patients, seconds, w, profile, settle)
             results["peak_worker_rss_mib"] = max(results["peak_worker_rss_mib"], server.peak_rss_mib())
             _log("W8 done")
     finally:
@@ -134,8 +141,10 @@ def _retire(servers: list[Server], databases: list[Database]) -> None:
 
 
 def read_search_workloads(server: Server, paths: dict[str, Path], seconds: int,
-                          profile: Callable[[str, Callable[[int], Any]], None] | None, run_id: str) -> dict[str, Any]:
-    """W2 (read by id, 1 and 16 connections), W3 (create/read/update/delete) and W4 (search mix): what W8 repeats."""
+                          profile: Callable[[str, Callable[[int], Any]], None] | None, run_id: str,
+                          settle: Callable[[str], None]) -> dict[str, Any]:
+    """W2 (read by id, 1 and 16 connections), W3 (create/read/update/delete) and W4 (search mix): what W8 repeats.
+    ``settle(name)`` after each run, so that no run's deferred audit indexing lands on the next."""
     def reads(connections: int, threads: int) -> Callable[[int], Any]:
         return lambda s: wrk(server.base_url, "paths.lua", [str(paths["reads"])], connections=connections, threads=threads,
                              seconds=s, headers=server.headers()).__dict__
@@ -148,23 +157,39 @@ def read_search_workloads(server: Server, paths: dict[str, Path], seconds: int,
         return wrk(server.base_url, "paths.lua", [str(paths["search"])], connections=16, threads=2, seconds=s,
                    headers=server.headers()).__dict__
 
-    out: dict[str, Any] = {"W2": {"1 connection": reads(1, 1)(seconds), "16 connections": reads(16, 2)(seconds)}}
     prefix = "" if run_id == "w3" else f"{run_id} "
+    one = reads(1, 1)(seconds)
+    settle(f"{prefix}W2 1 connection")
+    out: dict[str, Any] = {"W2": {"1 connection": one, "16 connections": reads(16, 2)(seconds)}}
+    settle(f"{prefix}W2 16 connections")
     if profile:
         profile(f"{prefix}W2 16 connections", reads(16, 2))
     _log(f"{prefix}W2 done")
     out["W3"] = crud(seconds)
+    settle(f"{prefix}W3")
     if profile:
         profile(f"{prefix}W3", lambda s: crud(s, "p"))
     _log(f"{prefix}W3 done")
     out["W4"] = search(seconds)
+    settle(f"{prefix}W4")
     if profile:
         profile(f"{prefix}W4", search)
     _log(f"{prefix}W4 done")
     return out
 
 
-def _profiler(server: Server, work: Path, into: dict[str, Any]) -> Callable[[str, Callable[[int], Any]], None]:
+def _settler(server: Server, into: dict[str, Any]) -> Callable[[str], None]:
+    """``settle(name)``: after the run ``name``, the audit records the server deferred to idle moments are chained and
+    indexed at once (``_index_audit_backlog``), so that this work is not measured as part of the next run; what it
+    took goes into ``into``."""
+    def settle(name: str) -> None:
+        into[name] = _index_audit_backlog(server)
+
+    return settle
+
+
+def _profiler(server: Server, work: Path, into: dict[str, Any],
+              settle: Callable[[str], None]) -> Callable[[str, Callable[[int], Any]], None]:
     """``profile(name, run)``: ``run(seconds)`` once more under py-spy (after the measured run, so that the figures
     are not the profiler's); the summary goes into ``into``, the collapsed stacks into results/profiles/."""
     folder = RESULTS / "profiles" / f"{dt.date.today().isoformat()}-{_commit()}"
@@ -176,6 +201,7 @@ def _profiler(server: Server, work: Path, into: dict[str, Any]) -> Callable[[str
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / (name.replace(" ", "-").replace("/", "-") + ".txt")
         into[name] = profiling.sample(server.proc.pid, out, PROFILE_SECONDS, lambda: run(PROFILE_SECONDS))
+        settle(f"{name} profiled")
         _log(f"{name} profiled")
 
     return profile
@@ -313,7 +339,8 @@ def _write_paths(work: Path, server: Server, records: list[tuple[list[str], dict
 
 def large_data_set(work: Path, server: Server, db: Database, records: list[tuple[list[str], dict[str, Any]]],
                    size: int, seconds: int, d1: dict[str, Any],
-                   profile: Callable[[str, Callable[[int], Any]], None] | None) -> dict[str, Any]:
+                   profile: Callable[[str, Callable[[int], Any]], None] | None,
+                   settle: Callable[[str], None]) -> dict[str, Any]:
     """D2: the same server loaded on to ``size`` patients, then W2 to W4 again, compared with their D1 figures.
     ``records`` holds every patient stored so far, in order (ingest's uploaders take patients in order and store
     every one they take), so D2 carries on from the next."""
@@ -321,9 +348,10 @@ def large_data_set(work: Path, server: Server, db: Database, records: list[tuple
     _log(f"loading D2: patients {loaded} to {size - 1}")
     load = ingest(server, datagen.patients(size, start=loaded), uploaders=4, keep=lambda b: records.append(_record(b)))
     _log(f"D2 loaded: {load['resources']} resources in {load['seconds']} s")
+    settle("D2 load")
     analyze(db)
     paths = _write_paths(work, server, records, "-d2")
-    out: dict[str, Any] = {"patients": size, "load": load, **read_search_workloads(server, paths, seconds, profile, "w8")}
+    out: dict[str, Any] = {"patients": size, "load": load, **read_search_workloads(server, paths, seconds, profile, "w8", settle)}
     one, many = ("1 connection", "16 connections")
     out["slowdown"] = {  # how many times slower on D2 than on D1 (goal: at most 2)
         "W2 p50 at 1 connection": round(out["W2"][one]["p50_ms"] / d1["W2"][one]["p50_ms"], 2),
@@ -482,21 +510,23 @@ def copy_baseline(db: Database) -> dict[str, Any]:
 # --- the cost of encryption, and of auditing ---------------------------------------------------------------
 
 def encryption_cost(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int,
-                    databases: list[Database], servers: list[Server]) -> dict[str, Any]:
-    """The same build with AES-256-GCM and with the null cipher, same data, in one run, alternating."""
+                    databases: list[Database], servers: list[Server], rounds: int = 5) -> dict[str, Any]:
+    """The same build with AES-256-GCM and with the null cipher, same data, in one run, alternating; both audit, so
+    both settle their audit backlog after each run (else it lands on the other's next run)."""
     out = same_build_compared(work, admin_url, bundles, seconds, databases, servers,
-                              {"aes-256-gcm": {"FHIR_CIPHER": "aes-256-gcm"}, "null": {"FHIR_CIPHER": "null"}})
+                              {"aes-256-gcm": {"FHIR_CIPHER": "aes-256-gcm"}, "null": {"FHIR_CIPHER": "null"}},
+                              settle={"aes-256-gcm": _index_audit_backlog, "null": _index_audit_backlog}, rounds=rounds)
     return {**out, "cost_pct": _cost(out["median_rps"], "null", "aes-256-gcm"), "goal": "< 15% on create and read"}
 
 
 def audit_cost(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int,
-               databases: list[Database], servers: list[Server]) -> dict[str, Any]:
+               databases: list[Database], servers: list[Server], rounds: int = 5) -> dict[str, Any]:
     """The same build with auditing on and off (FHIR_AUDIT=false, which production refuses: both servers run as
     development here, alike but for that), same data, in one run, alternating."""
     out = same_build_compared(work, admin_url, bundles, seconds, databases, servers,
                               {"audit on": {"FHIR_ENV": "development"},
                                "audit off": {"FHIR_ENV": "development", "FHIR_AUDIT": "false"}},
-                              settle={"audit on": _index_audit_backlog})
+                              settle={"audit on": _index_audit_backlog}, rounds=rounds)
     return {**out, "cost_pct": _cost(out["median_rps"], "audit off", "audit on"), "goal": "< 20% on read",
             "indexing": out["settled"].get("audit on")}
 
@@ -520,9 +550,9 @@ def _cost(median: dict[str, dict[str, float]], without: str, with_: str) -> dict
 
 def same_build_compared(work: Path, admin_url: str, bundles: list[dict[str, Any]], seconds: int, databases: list[Database],
                         servers: list[Server], variants: dict[str, dict[str, str]],
-                        settle: dict[str, Callable[[Server], dict[str, Any]]] | None = None) -> dict[str, Any]:
+                        settle: dict[str, Callable[[Server], dict[str, Any]]] | None = None, rounds: int = 5) -> dict[str, Any]:
     """Two servers of this build that differ only in ``variants``' settings, on databases with the same data: create
-    and read throughput (16 connections), five short runs each, interleaved, compared by their medians (this
+    and read throughput (16 connections), ``rounds`` short runs each, interleaved, compared by their medians (this
     machine's noise is larger than the effects measured). ``settle`` finishes a variant's deferred work after each
     of its runs, before the next run starts; what it reports is summed."""
     runs: dict[str, dict[str, list[float]]] = {name: {"create": [], "read": []} for name in variants}
@@ -541,8 +571,8 @@ def same_build_compared(work: Path, admin_url: str, bundles: list[dict[str, Any]
     first = next(iter(pair.values()))
     reads = work / f"reads-{'-'.join(n.replace(' ', '') for n in variants)}.txt"
     reads.write_text("\n".join(f"{_path(first)}{e['request']['url']}" for b in bundles for e in b["entry"]) + "\n")
-    span = max(3, seconds // 2)
-    for round_ in range(5):
+    span = max(2, seconds // 2)
+    for round_ in range(rounds):
         order = list(pair.items()) if round_ % 2 == 0 else list(reversed(pair.items()))
         for name, srv in order:
             c = wrk(srv.base_url, "crud.lua", [_path(srv), f"cmp{round_}", "create-only"], connections=16, threads=16, seconds=span, headers=srv.headers())
@@ -632,6 +662,10 @@ def report(r: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(str(c).ljust(widths[j]) for j, c in enumerate(row)) + " |")
         if i == 0:
             lines.append("|" + "|".join("-" * (wd + 2) for wd in widths) + "|")
+    backlog = r.get("audit_backlog")
+    if backlog:
+        lines += ["", "Audit backlog settled after each run (records chained and indexed, seconds), not measured in the next: "
+                      + "; ".join(f"{name} {b['records']} in {b['seconds']} s" for name, b in backlog.items())]
     if r.get("profiles"):
         lines += ["", f"Profiles (py-spy, {profiling.RATE} Hz, {PROFILE_SECONDS} s of each workload run again; share of "
                       "the server's samples; stacks in benchmarks/results/profiles/):"]
