@@ -50,12 +50,12 @@ def sample(master_pid: int, out: Path, seconds: int, run: Callable[[], Any]) -> 
     after = _cpu(master_pid)
     worker.join()
     if spy.returncode != 0 or not out.exists():
-        return {"error": f"py-spy failed: {log[-500:]}"}
-    stacks = out.read_bytes()
+        return {"error": f"py-spy failed (exit code {spy.returncode}): {log[-500:]}"}
+    stacks = out.read_bytes()  # --nonblocking reads a running process: a torn frame name may not be UTF-8
     packed = out.with_name(out.name + ".gz")
     packed.write_bytes(gzip.compress(stacks))  # a twentieth of the size: results/ is kept in the repository
     out.unlink()
-    return {**summarize(stacks.decode()), "cpu_pct": _cpu_shares(before, after), "stacks": packed.name}
+    return {**summarize(stacks.decode(errors="replace")), "cpu_pct": _cpu_shares(before, after), "stacks": packed.name}
 
 
 def _cpu(master_pid: int) -> dict[str, float]:

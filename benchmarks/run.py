@@ -200,7 +200,10 @@ def _profiler(server: Server, work: Path, into: dict[str, Any],
             return
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / (name.replace(" ", "-").replace("/", "-") + ".txt")
-        into[name] = profiling.sample(server.proc.pid, out, PROFILE_SECONDS, lambda: run(PROFILE_SECONDS))
+        for _ in range(2):  # py-spy sampling a running process now and then exits without a word: once more
+            into[name] = profiling.sample(server.proc.pid, out, PROFILE_SECONDS, lambda: run(PROFILE_SECONDS))
+            if "error" not in into[name]:
+                break
         settle(f"{name} profiled")
         _log(f"{name} profiled")
 
