@@ -12,13 +12,14 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from fhir_server import logs
-from fhir_server.api import health, routes, smart
+from fhir_server.api import health, hl7v2, routes, smart
 from fhir_server.api.proxy import TrustedProxy
 from fhir_server.api.rendering import fhir_error, http_error, render_outcome, unexpected_error
 from fhir_server.capability.registry import load_registry
 from fhir_server.engine.engine import Engine
 from fhir_server.engine.reindex import JobRunner
 from fhir_server.errors import FhirError, Issue, operation_outcome
+from fhir_server.hl7v2.intake import Intake
 from fhir_server.security import audit_events
 from fhir_server.security.crypto import cipher_named
 from fhir_server.security.keys import provider_from_settings
@@ -53,10 +54,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["fhir_settings"] = settings
     app.extensions["fhir_storage"] = storage
     app.extensions["fhir_engine"] = engine
+    app.extensions["fhir_hl7v2"] = Intake(engine)
 
     app.register_blueprint(health.bp)
     app.register_blueprint(routes.bp)
     app.register_blueprint(smart.bp)
+    app.register_blueprint(hl7v2.bp)
     if settings.cors_origins.strip():
         _cors(app, settings)
     if settings.trusted_proxy:

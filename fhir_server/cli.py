@@ -365,6 +365,9 @@ def _register_auth_commands() -> None:
     cli_auth.register(main)
     tenants.add_command(cli_auth.tenants_require_mfa)
     main.add_command(cli_audit.audit)
+    from fhir_server import cli_hl7
+
+    main.add_command(cli_hl7.hl7)
 
 
 _register_auth_commands()

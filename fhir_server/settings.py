@@ -7,6 +7,7 @@ server with a message naming the variable and what it accepts.
 from __future__ import annotations
 
 import os
+import zoneinfo
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -65,6 +66,18 @@ class _SettingsSchema(Schema):
     audit_alert_patient_window_seconds = mf.Integer(load_default=3600, validate=validate.Range(min=1))
     audit_alert_exports = mf.Integer(load_default=1, validate=validate.Range(min=1))
     audit_server_tenant = mf.String(load_default="server-audit")
+    hl7_timezone = mf.String(load_default="UTC", validate=lambda z: _is_zone(z))
+    hl7_max_message_bytes = mf.Integer(load_default=10 * 1024 * 1024, validate=validate.Range(min=1024))
+
+
+def _is_zone(name: str) -> bool:
+    if name.upper() == "UTC":
+        return True
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValidationError(f"{name!r} is not an IANA time zone (e.g. Europe/Berlin, America/New_York)") from None
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +126,8 @@ class Settings:
     audit_alert_patient_window_seconds: int = 3600  # ...within this window (exports are counted in it too)
     audit_alert_exports: int = 1  # exports by one operator or client in that window that raise an alert
     audit_server_tenant: str = "server-audit"  # the tenant whose log records server-wide events (tenants deleted)
+    hl7_timezone: str = "UTC"  # HL7 v2: the time zone of times sent without one (an IANA name)
+    hl7_max_message_bytes: int = 10 * 1024 * 1024  # HL7 v2: the largest message (or batch) taken
 
     @property
     def production(self) -> bool:

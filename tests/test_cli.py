@@ -132,3 +132,31 @@ def test_invalid_setting_is_named(tmp_path: Path) -> None:
     env.update(FHIR_PORT="eighty", FHIR_DATA_DIR=str(tmp_path))
     proc = run(env, "migrate", check=False)
     assert proc.returncode != 0 and "FHIR_PORT" in proc.stderr
+
+
+def test_hl7_list_and_replay(cli_env: dict[str, str], fresh_db: DatabaseUrls) -> None:
+    from fhir_server.app import create_app
+    from fhir_server.settings import Settings
+    from testsupport.auth import mint_token
+
+    name = "hl7-" + os.urandom(3).hex()
+    run(cli_env, "tenants", "create", name)
+    app = create_app(Settings.load(cli_env))
+    try:
+        token = mint_token(app.extensions["fhir_storage"], name)
+        bad = b"MSH|^~\\&|ADT|HOSP|FHIR|HOSP|20240101120000||ADT^A01|cli1|P|2.5\rPID|1||^^^HOSP^MR||X^Y"
+        resp = app.test_client().post(f"/hl7v2/{name}", data=bad, content_type="text/plain",
+                                      headers={"Authorization": f"Bearer {token}"})
+        assert b"MSA|AE|cli1" in resp.data
+    finally:
+        app.extensions["fhir_storage"].audit_log.stop()
+        app.extensions["fhir_storage"].db.dispose()
+    listed = run(cli_env, "hl7", "list", "--tenant", name, "--status", "error").stdout.strip().splitlines()
+    assert len(listed) == 1
+    message_id, _, status, kind, code, attempts = listed[0].split("\t")
+    assert (status, kind, code, attempts) == ("error", "ADT^A01", "101", "1")
+    # The message itself is wrong, so a replay gives the same AE (and says so with exit code 1).
+    replayed = run(cli_env, "hl7", "replay", "--tenant", name, check=False)
+    assert replayed.returncode == 1 and f"{message_id}\tAE" in replayed.stdout and "1 replayed, 0 accepted" in replayed.stdout
+    assert run(cli_env, "hl7", "replay", "--tenant", name, "--id", "nope", check=False).returncode != 0
+    assert "\t2" in run(cli_env, "hl7", "list", "--tenant", name).stdout  # two attempts now

@@ -178,6 +178,27 @@ def compile_compartments(definitions: Path) -> dict[str, Any]:
     }
 
 
+def compile_v2_tables(definitions: Path) -> dict[str, Any]:
+    """The HL7 v2 tables (``v2-tables.json``: the v2 CodeSystems of terminology.hl7.org) as table number -> code ->
+    display, which the HL7 v2 adapter uses to give each v2 code its system and display."""
+    tables: dict[str, dict[str, str]] = {}
+    prefix = "http://terminology.hl7.org/CodeSystem/v2-"
+    for resource in load_bundle(definitions / "v2-tables.json"):
+        url = resource.get("url", "")
+        if resource.get("resourceType") != "CodeSystem" or not url.startswith(prefix):
+            continue
+        codes: dict[str, str] = {}
+
+        def walk(concepts: list[dict[str, Any]]) -> None:
+            for c in concepts:
+                codes[c["code"]] = c.get("display", "")
+                walk(c.get("concept", []))
+
+        walk(resource.get("concept", []))
+        tables[url[len(prefix):]] = codes
+    return {"source": "v2-tables.json (terminology.hl7.org v2 CodeSystems)", "tables": tables}
+
+
 def compile_all(definitions: Path) -> dict[str, Any]:
     resources_bundle = load_bundle(definitions / "profiles-resources.json")
     types_bundle = load_bundle(definitions / "profiles-types.json")
@@ -224,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output_dir / "compartments.json"
     out.write_text(json.dumps(compartments, sort_keys=True, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}: {len(compartments['compartments'])} compartments")
+    v2 = compile_v2_tables(args.definitions)
+    out = args.output_dir / "v2_tables.json"
+    out.write_text(json.dumps(v2, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}: {len(v2['tables'])} HL7 v2 tables")
     return 0
 
 

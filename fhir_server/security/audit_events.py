@@ -224,6 +224,22 @@ def log_use_event(code: str, description: str, actor: Actor, place: Place, *, ex
                   _source(place, "4"), entities, None)
 
 
+HL7V2_MESSAGE = "urn:fhir-server:hl7v2-message"  # identifier system of received HL7 v2 messages: sender|MSH-10
+
+
+def import_event(code: str, status: int, description: str | None, actor: Actor, place: Place, *, message: str,
+                 request_id: str | None = None) -> dict[str, Any]:
+    """Data received into the server (DICOM 110107 Import): an HL7 v2 message (``message``: sender and control id,
+    no content), with the outcome of its processing."""
+    entities = [{"what": {"identifier": {"system": HL7V2_MESSAGE, "value": message[:200]}},
+                 "type": coding(ENTITY_TYPE, "2"), "role": coding(OBJECT_ROLE, "3")}]
+    if request_id:
+        entities.append(request_entity(request_id))
+    return _event(coding(DCM, "110107"), [coding(SUBTYPE, code)], "C", outcome_code(status), description,
+                  _agents(actor, place, coding(DCM, "110153"), coding(DCM, "110152"), coding(PARTICIPATION, "AUT")),
+                  _source(place, "4"), entities, None)
+
+
 def _event(event_type: dict[str, str], subtypes: list[dict[str, str]], action: str, outcome: str, description: str | None,
            agents: list[dict[str, Any]], source: dict[str, Any], entities: list[dict[str, Any]], profile: str | None) -> dict[str, Any]:
     event: dict[str, Any] = {"resourceType": "AuditEvent", "id": str(uuid.uuid4())}

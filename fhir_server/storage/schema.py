@@ -440,6 +440,31 @@ audit_alert_marks = Table(  # what the monitoring rules count: blind-indexed sub
     PrimaryKeyConstraint("tenant_id", "rule", "subject", "window_start", "item", name="pk_audit_alert_marks"),
 )
 
+# HL7 v2 messages as received (``hl7v2/store.py``): every one stored sealed before it is processed, with its status
+# and its ACK (sealed too); ``dedupe`` is a blind index of the sender and control id (MSH-3, MSH-4, MSH-10), unique
+# per tenant, so a repeated message finds the first one's ACK. No plaintext PHI: ids, times, codes and hashes.
+hl7_messages = Table(
+    "hl7_messages",
+    metadata,
+    Column("tenant_id", Integer, nullable=False),
+    Column("id", String(36), nullable=False),
+    Column("received", BigInteger, nullable=False),  # microseconds
+    Column("updated", BigInteger, nullable=False),
+    Column("dedupe", LargeBinary(32), nullable=True),  # NULL: no control id, so no repeat can be told
+    Column("status", String(16), nullable=False),  # received | processing | processed | error | rejected
+    Column("kind", String(24), nullable=True),  # MSH-9, e.g. ADT^A01 (no PHI)
+    Column("error_code", String(8), nullable=True),  # HL7 table 0357 code of the first error
+    Column("attempts", Integer, nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("body", LargeBinary, nullable=False),  # the message's bytes, sealed
+    Column("ack_key_version", Integer, nullable=True),
+    Column("ack", LargeBinary, nullable=True),  # the ACK's bytes, sealed
+    PrimaryKeyConstraint("tenant_id", "id", name="pk_hl7_messages"),
+    Index("ix_hl7_messages_dedupe", "tenant_id", "dedupe", unique=True),
+    Index("ix_hl7_messages_status", "tenant_id", "status", "received"),
+)
+HL7_TABLES = ("hl7_messages",)
+
 AUDIT_TABLES = ("audit_pending", "audit_unindexed", "audit_legacy", "audit_log", "audit_heads", "audit_checkpoints",
                 "audit_alert_marks")
 APPEND_ONLY_TABLES = ("audit_log", "audit_checkpoints")  # the application role may not update or delete their rows
@@ -452,4 +477,4 @@ INDEX_TABLES = ("idx_hash", "idx_date", "idx_number", "idx_quantity", "idx_refer
 
 # Tables whose rows belong to one tenant: partitioned and row-level secured on PostgreSQL.
 TENANT_TABLES = ("tenant_keys", "resources", "resource_versions", *INDEX_TABLES, "search_param_state", *OAUTH_TABLES,
-                 *AUDIT_TABLES)
+                 *AUDIT_TABLES, *HL7_TABLES)

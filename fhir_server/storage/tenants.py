@@ -28,7 +28,7 @@ INDEX = "index"
 AUDIT = "audit"  # the Ed25519 seed that signs the audit log's checkpoints
 # Tenant tables in the order a purge empties them (keys last: they were shredded already).
 PURGE_ORDER = (*schema.INDEX_TABLES, "search_param_state", "resource_versions", "resources", "reindex_jobs",
-               *schema.OAUTH_TABLES, *schema.AUDIT_TABLES, "tenant_keys")
+               *schema.OAUTH_TABLES, *schema.AUDIT_TABLES, *schema.HL7_TABLES, "tenant_keys")
 
 
 class TenantNotFound(Exception):

@@ -12,6 +12,7 @@ from fhir_server.clock import now_us
 from fhir_server.errors import NotFound, PreconditionFailed
 from fhir_server.security.oauth.server import signing_key
 from fhir_server.security.oauth.store import AuthStore
+from fhir_server.hl7v2.store import MessageStore
 from fhir_server.storage import audit_log, schema, tenants
 from fhir_server.storage.store import Storage
 
@@ -81,6 +82,7 @@ def test_row_level_security_without_or_with_wrong_tenant_setting(storage: Storag
         audit_log.store_records(repo.conn, repo.tenant.id, [audit_log.Record("waiting", now_us(), 1, b"x", bytes(32))])
         repo.conn.execute(schema.audit_alert_marks.insert().values(tenant_id=repo.tenant.id, rule="r", subject=b"s",
                                                                    window_start=0, item=b"i"))
+    MessageStore(storage).admit(a, b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5", "ADT^A01", ("A/B", "1"))  # an HL7 v2 message
     with owner_storage.session(a, write=True, audited=False) as repo:  # (only the migration lists legacy AuditEvents)
         repo.conn.execute(schema.audit_legacy.insert().values(tenant_id=repo.tenant.id, res_id="legacy"))
     with storage.db.transaction(write=False) as conn:
