@@ -222,17 +222,18 @@ class Field:
         return subs[subcomponent - 1] if 0 < subcomponent <= len(subs) else ""
 
     def value(self, component: int = 1, subcomponent: int = 1) -> str | None:
+        """The decoded text, without leading or trailing blanks; None when that leaves nothing."""
         text = self.raw(component, subcomponent)
         if not text or text == NULL:
             return None
-        return unescape(text, self.segment.delimiters, self.segment.charset) or None
+        return unescape(text, self.segment.delimiters, self.segment.charset).strip() or None
 
     def subcomponents(self, component: int = 1) -> list[str | None]:
         """The decoded sub-components of a component (a component whose type is itself composite, such as HD in CX-4)."""
         if not 0 < component <= len(self.components):
             return []
         d, cs = self.segment.delimiters, self.segment.charset
-        return [None if not s or s == NULL else (unescape(s, d, cs) or None) for s in self.components[component - 1]]
+        return [None if not s or s == NULL else (unescape(s, d, cs).strip() or None) for s in self.components[component - 1]]
 
     def is_empty(self) -> bool:
         return all(not s or s == NULL for c in self.components for s in c)

@@ -111,6 +111,12 @@ class Intake:
         original = ack.Original.of(message)
         code, event, _ = message.message_type
         admission = self.store.admit(tenant, raw, f"{code or ''}^{event or ''}", message_key(message))
+        if admission.earlier is not None and not _same(admission.earlier_body, message):
+            # another message under a control id the sender used before: kept (as an error), not taken for a repeat
+            clash = Hl7Error("205", "MSH-10 was used by this sender for a different message before; each message "
+                                    "needs a control id of its own", Location("MSH", 1, 10))
+            admission = self.store.admit(tenant, raw, f"{code or ''}^{event or ''}", None)
+            return self._finish(tenant, base_url, access, admission.id, Outcome(ack.ERROR, (clash,), original))
         if admission.earlier is not None:  # received before: its first ACK, and nothing done again
             earlier = er7.parse(admission.earlier)
             msa = earlier.segment("MSA")
@@ -206,6 +212,21 @@ class Intake:
                             first.sender[1], now, "", "", "", uuid.uuid4().hex[:20].upper(), reference])
         text = bhs.rstrip(d.field) + "\r" + "".join(texts) + d.field.join(["BTS", str(len(texts))]) + "\r"
         return Answer(ack.encode(text, first), tuple(outcomes), first.codec)
+
+
+def _same(earlier: bytes | None, message: er7.Message) -> bool:
+    """The same message sent again: its segments as before, but for MSH-7 (a sender may stamp each try anew)."""
+    if earlier is None:
+        return False
+    try:
+        before = er7.parse(earlier)
+    except Hl7Error:
+        return False
+
+    def shape(m: er7.Message) -> list[tuple[str, ...]]:
+        return [s.raw[:7] + s.raw[8:] if s.name == "MSH" else s.raw for s in m.segments]
+
+    return shape(before) == shape(message)
 
 
 def _refusal(exc: FhirError) -> Hl7Error:

@@ -1,7 +1,8 @@
 """Message maps: one HL7 v2 message as one transaction Bundle (HL7 v2-to-FHIR guide, message maps).
 
-Supported: ADT A01 A02 A03 A04 A05 A06 A07 A08 A11 A13 A28 A31 A40, and ORU^R01. Any other type or event is
-``Hl7Error`` 200/201 (the ACK says AR: the message is kept, and can be replayed once a map exists).
+Supported: ADT A01 A02 A03 A04 A05 A06 A07 A08 A11 A13 A28 A31 A40 and ORU^R01 here; VXU^V04, ORM^O01, OML^O21,
+MDM^T02 and SIU^S12 to S15 in ``clinical``. Any other type or event is ``Hl7Error`` 200/201 (the ACK says AR: the
+message is kept, and can be replayed once a map exists).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from fhir_server.hl7v2 import clinical
 from fhir_server.hl7v2 import datatypes as dt
 from fhir_server.hl7v2 import segments as sg
 from fhir_server.hl7v2.bundle import DERIVED, Builder, token
@@ -30,6 +32,8 @@ from fhir_server.hl7v2.er7 import (
 )
 
 JsonDict = dict[str, Any]
+EVENTS = {"ORU": ("R01",), "VXU": ("V04",), "ORM": ("O01",), "OML": ("O21",), "MDM": ("T02",),
+          "SIU": ("S12", "S13", "S14", "S15")}
 ADT_EVENTS = ("A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A13", "A28", "A31", "A40")
 REPORT_STATUS = {"O": "registered", "I": "registered", "S": "partial", "A": "partial", "P": "preliminary",
                  "R": "preliminary", "N": "preliminary", "C": "corrected", "M": "corrected", "F": "final",
@@ -60,14 +64,24 @@ def to_bundle(message: Message, *, zone: str = "UTC", recorded: datetime.datetim
             raise Hl7Error(UNSUPPORTED_EVENT, f"ADT^{event or ''} is not an event this server maps "
                                               f"(it maps {', '.join(ADT_EVENTS)})", Location("MSH", 1, 9, 1, 2), reject=True)
         _adt(ctx, message, event, known)
-    elif code == "ORU":
-        if event != "R01":
-            raise Hl7Error(UNSUPPORTED_EVENT, f"ORU^{event or ''} is not an event this server maps (it maps R01)",
-                           Location("MSH", 1, 9, 1, 2), reject=True)
-        _oru(ctx, message)
+    elif code in EVENTS:
+        if event not in EVENTS[code]:
+            raise Hl7Error(UNSUPPORTED_EVENT, f"{code}^{event or ''} is not an event this server maps (it maps "
+                                              f"{', '.join(EVENTS[code])})", Location("MSH", 1, 9, 1, 2), reject=True)
+        if code == "ORU":
+            _oru(ctx, message)
+        elif code == "VXU":
+            clinical.vxu(ctx, message)
+        elif code in ("ORM", "OML"):
+            clinical.orders(ctx, message)
+        elif code == "MDM":
+            clinical.mdm(ctx, message)
+        else:
+            clinical.siu(ctx, message, event)
     else:
-        raise Hl7Error(UNSUPPORTED_TYPE, f"{code or 'a message'} is not a message type this server maps (it maps ADT "
-                                         "and ORU^R01)", Location("MSH", 1, 9, 1, 1), reject=True)
+        raise Hl7Error(UNSUPPORTED_TYPE, f"{code or 'a message'} is not a message type this server maps (it maps ADT, "
+                                         "ORU^R01, VXU^V04, ORM^O01, OML^O21, MDM^T02 and SIU^S12 to S15)",
+                       Location("MSH", 1, 9, 1, 1), reject=True)
     return ctx.builder.bundle(recorded=recorded)
 
 

@@ -43,6 +43,7 @@ class Admission:
     id: str
     earlier: bytes | None = None  # the ACK of the same message received before (a repeat: not processed again)
     earlier_status: str | None = None
+    earlier_body: bytes | None = None  # that message as it was received
     busy: bool = False  # the same message is being processed now, elsewhere
 
 
@@ -85,7 +86,8 @@ class MessageStore:
             row = repo.conn.execute(select(M).where(M.c.tenant_id == repo.tenant.id, M.c.dedupe == dedupe)).one()
             if row.status != PROCESSING:
                 ack = repo.sealer.open_record(ACK_KIND, row.id, row.ack_key_version, bytes(row.ack)) if row.ack else None
-                return Admission(row.id, earlier=ack, earlier_status=row.status)
+                body = repo.sealer.open_record(KIND, row.id, row.key_version, bytes(row.body))
+                return Admission(row.id, earlier=ack, earlier_status=row.status, earlier_body=body)
             taken = repo.conn.execute(update(M).where(
                 M.c.tenant_id == repo.tenant.id, M.c.id == row.id, M.c.status == PROCESSING,
                 M.c.updated == row.updated, M.c.updated < now - STALE_SECONDS * 1_000_000,

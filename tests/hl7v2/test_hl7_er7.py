@@ -270,7 +270,7 @@ def test_escaped_values_read_back_as_written(fields: list[list[list[str]]]) -> N
             continue
         for rep, values in zip(reps, f, strict=True):
             for i, value in enumerate(values, start=1):
-                expected = value.replace("\r\n", "\n").replace("\r", "\n")
+                expected = value.replace("\r\n", "\n").replace("\r", "\n").strip()
                 assert (rep.value(i) or "") == ("" if expected == '""' else expected)
 
 

@@ -22,16 +22,8 @@ NOT_ACCEPTED = {
     "lfh__sample_unix.hl7": ("AR", "102", "MSH-2"),  # "^~\\&": the escape character written twice
     "lfh__sample_win.hl7": ("AR", "102", "MSH-2"),
     "pyhl7__rep_sample_hl7.hl7": ("AE", "101", "OBR"),  # an ORU^R01 with no OBR
-    "ms__DFT-P03-01.hl7": ("AR", "200", "MSH-9.1.1"),  # message types without a map yet
-    "ms__IZ_1_1.1_Admin_Child_Max_Message.hl7": ("AR", "200", "MSH-9.1.1"),
-    "ms__VXU-V04-01.hl7": ("AR", "200", "MSH-9.1.1"), "ms__VXU.hl7": ("AR", "200", "MSH-9.1.1"),
-    "v2tofhir_ig__VXU_V04.hl7": ("AR", "200", "MSH-9.1.1"),
-    "ms__LAB-ORM-1.hl7": ("AR", "200", "MSH-9.1.1"), "ms__ORM-O01-01.hl7": ("AR", "200", "MSH-9.1.1"),
-    "v2tofhir_ig__ORM_O01.hl7": ("AR", "200", "MSH-9.1.1"),
-    "ms__MDHHS-OML-O21-1.hl7": ("AR", "200", "MSH-9.1.1"), "ms__OML-O21-01.hl7": ("AR", "200", "MSH-9.1.1"),
-    "v2tofhir_ig__OML_O21.hl7": ("AR", "200", "MSH-9.1.1"),
-    "ms__MDM-T02-03.hl7": ("AR", "200", "MSH-9.1.1"), "v2tofhir__Message.hl7_MDM_T02.hl7": ("AR", "200", "MSH-9.1.1"),
-    "ms__SIU-S12-01.hl7": ("AR", "200", "MSH-9.1.1"), "v2tofhir_ig__SIU_S12.hl7": ("AR", "200", "MSH-9.1.1"),
+    "ms__DFT-P03-01.hl7": ("AR", "200", "MSH-9.1.1"),  # billing (DFT): not a type this server maps
+    "v2tofhir__Message.hl7_MDM_T02.hl7": ("AE", "102", "OBX[4]-5.1.5"),  # ED "Base64" data that is a placeholder
 }
 
 

@@ -121,3 +121,15 @@ def test_a_message_being_processed_elsewhere_is_busy(engine: Engine, tenant: str
     busy = receive(intake, tenant, ADMIT.format(control="b1"))
     assert busy.outcomes[0].code == "AE" and busy.outcomes[0].errors[0].code == "206"
     assert intake.replay(tenant, BASE.format(tenant), INTERNAL, rows(engine.storage, tenant)[0].id) is None
+
+
+def test_a_reused_control_id_for_another_message_is_kept_as_an_error(engine: Engine, tenant: str) -> None:
+    intake = Intake(engine)
+    receive(intake, tenant, ADMIT.format(control="u1"))
+    resent = ADMIT.format(control="u1").replace("20240101120000", "20240101120500")  # a retry, stamped anew
+    assert receive(intake, tenant, resent).outcomes[0].duplicate
+    other = ADMIT.format(control="u1").replace("Quixote", "Panza")
+    clash = receive(intake, tenant, other)
+    assert clash.outcomes[0].code == "AE" and clash.outcomes[0].errors[0].code == "205"
+    assert [(r.status, r.error_code) for r in rows(engine.storage, tenant)] == [(PROCESSED, None), (ERROR, "205")]
+    assert [p["name"][0]["family"] for p in patients(engine, tenant)] == ["Quixote"]
