@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -84,3 +84,78 @@ def hl7_replay(tenant_name: str, ids: tuple[str, ...]) -> None:
     click.echo(f"{len(todo)} replayed, {len(todo) - failed} accepted")
     if failed:
         raise SystemExit(1)
+
+
+@hl7.command("mllp")
+@click.option("--tenant", "tenant_name", required=True, help="The tenant whose data the messages are.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; off loopback, mutual TLS "
+                                                                      "is required.")
+@click.option("--port", type=int, default=None, help="Port (default FHIR_HL7_MLLP_PORT, 2575; 0: any free port).")
+@click.option("--tls-cert", default=None, help="PEM certificate (default FHIR_HL7_TLS_CERT).")
+@click.option("--tls-key", default=None, help="PEM private key of --tls-cert (default FHIR_HL7_TLS_KEY).")
+@click.option("--tls-client-ca", default=None, help="PEM CA certificates senders' client certificates must chain "
+                                                    "to (default FHIR_HL7_TLS_CLIENT_CA).")
+def hl7_mllp(tenant_name: str, host: str, port: int | None, tls_cert: str | None, tls_key: str | None,
+             tls_client_ca: str | None) -> None:
+    """Receive HL7 v2 over MLLP for one tenant: each message stored, processed as one transaction, acknowledged
+    after the commit. Runs until SIGTERM or SIGINT (messages in hand are finished and acknowledged first)."""
+    import asyncio
+    import ssl
+
+    from fhir_server import logs
+    from fhir_server.capability.registry import load_registry
+    from fhir_server.engine.engine import Engine
+    from fhir_server.hl7v2.intake import Intake
+    from fhir_server.hl7v2.listener import Listener, is_loopback, tls_context
+    from fhir_server.security.crypto import cipher_named
+    from fhir_server.security.keys import provider_from_settings
+    from fhir_server.settings import Settings, SettingsError
+    from fhir_server.storage.database import Database
+    from fhir_server.storage.store import Storage
+    from fhir_server.storage.tenants import TenantNotFound
+
+    given: dict[str, Any] = {k: v for k, v in (("hl7_mllp_port", port), ("hl7_tls_cert", tls_cert), ("hl7_tls_key", tls_key),
+                               ("hl7_tls_client_ca", tls_client_ca)) if v is not None}
+    try:
+        settings = Settings.load(**given)
+        provider = provider_from_settings(settings)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.configure(settings.log_level)
+    tls_files = (settings.hl7_tls_cert, settings.hl7_tls_key, settings.hl7_tls_client_ca)
+    if any(tls_files) and not all(tls_files):
+        raise click.ClickException("--tls-cert, --tls-key and --tls-client-ca (FHIR_HL7_TLS_*) go together")
+    tls = None
+    if all(tls_files):
+        try:
+            tls = tls_context(*tls_files)  # type: ignore[arg-type]
+        except (OSError, ssl.SSLError) as exc:
+            raise click.ClickException(f"cannot use the TLS certificate, key or client CA: {exc}") from None
+    elif not is_loopback(host):
+        raise click.ClickException(
+            f"refusing to take HL7 v2 on {host} without mutual TLS: give --tls-cert, --tls-key and --tls-client-ca, "
+            "or bind to a loopback address (127.0.0.1, ::1) behind a TLS-terminating proxy")
+    storage = Storage(Database(settings.effective_database_url, settings), provider, cipher_named(settings.cipher),
+                      settings)
+    engine = Engine(load_registry(), storage, settings)
+    intake = Intake(engine)
+    try:
+        next(iter(intake.store.listing(tenant_name, limit=1)), None)
+    except TenantNotFound:
+        raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    workers = min(settings.hl7_mllp_workers, settings.db_pool_size)
+    listener = Listener(intake, tenant_name, _base_url(engine, tenant_name), max_bytes=settings.hl7_max_message_bytes,
+                        idle_seconds=settings.hl7_mllp_idle_seconds, workers=workers,
+                        max_connections=settings.hl7_mllp_max_connections, tls=tls)
+
+    def ready(addresses: list[tuple[str, int]]) -> None:
+        for h, p in addresses:
+            click.echo(f"listening on {h}:{p}" + (" (mutual TLS)" if tls else ""))
+
+    try:
+        asyncio.run(listener.run(host, settings.hl7_mllp_port, ready=ready, signals=True))
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{settings.hl7_mllp_port}: {exc.strerror or exc}") from None
+    finally:
+        storage.audit_log.stop()
+        storage.db.dispose()

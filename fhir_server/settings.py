@@ -68,6 +68,13 @@ class _SettingsSchema(Schema):
     audit_server_tenant = mf.String(load_default="server-audit")
     hl7_timezone = mf.String(load_default="UTC", validate=lambda z: _is_zone(z))
     hl7_max_message_bytes = mf.Integer(load_default=10 * 1024 * 1024, validate=validate.Range(min=1024))
+    hl7_mllp_port = mf.Integer(load_default=2575, validate=validate.Range(min=0, max=65535))
+    hl7_mllp_idle_seconds = mf.Float(load_default=600.0, validate=validate.Range(min=0.1))
+    hl7_mllp_workers = mf.Integer(load_default=4, validate=validate.Range(min=1, max=64))
+    hl7_mllp_max_connections = mf.Integer(load_default=500, validate=validate.Range(min=1))
+    hl7_tls_cert = mf.String(load_default=None, allow_none=True)
+    hl7_tls_key = mf.String(load_default=None, allow_none=True)
+    hl7_tls_client_ca = mf.String(load_default=None, allow_none=True)
 
 
 def _is_zone(name: str) -> bool:
@@ -128,6 +135,13 @@ class Settings:
     audit_server_tenant: str = "server-audit"  # the tenant whose log records server-wide events (tenants deleted)
     hl7_timezone: str = "UTC"  # HL7 v2: the time zone of times sent without one (an IANA name)
     hl7_max_message_bytes: int = 10 * 1024 * 1024  # HL7 v2: the largest message (or batch) taken
+    hl7_mllp_port: int = 2575  # HL7 v2 over MLLP: the listener's port
+    hl7_mllp_idle_seconds: float = 600.0  # a connection that sends nothing this long is closed
+    hl7_mllp_workers: int = 4  # messages processed at once (each with a database connection), over all connections
+    hl7_mllp_max_connections: int = 500  # connections beyond this are closed as they come
+    hl7_tls_cert: str | None = None  # PEM certificate (chain) of the MLLP listener (required off loopback)
+    hl7_tls_key: str | None = None  # its PEM private key
+    hl7_tls_client_ca: str | None = None  # PEM CA certificates that senders' client certificates must chain to
 
     @property
     def production(self) -> bool:

@@ -103,7 +103,11 @@ class Intake:
         except Hl7Error as exc:
             outcome = Outcome(ack.REJECT, (exc,), ack.Original.salvage(data))
         else:
-            outcome = self._process(tenant, base_url, access, message, [])
+            try:
+                outcome = self._process(tenant, base_url, access, message, [])
+            except BaseException:
+                self._release(tenant, message_id)
+                raise
         return self._finish(tenant, base_url, access, message_id, outcome)
 
     def _admitted(self, tenant: str, base_url: str, access: AccessContext, message: er7.Message, raw: bytes,
@@ -130,8 +134,25 @@ class Intake:
             outcome = Outcome(ack.ERROR, (busy,), original)
             self._record(tenant, base_url, access, outcome)
             return outcome
-        outcome = self._process(tenant, base_url, access, message, problems)
+        try:
+            outcome = self._process(tenant, base_url, access, message, problems)
+        except BaseException:
+            self._release(tenant, admission.id)
+            raise
         return self._finish(tenant, base_url, access, admission.id, outcome)
+
+    def refuse(self, tenant: str, base_url: str, access: AccessContext, head: bytes, error: Hl7Error) -> bytes:
+        """The rejection (AR) of a transmission that was not taken at all (larger than the limit: not stored, and
+        addressed from what of its MSH came first); recorded in the audit log like every message received."""
+        outcome = Outcome(ack.REJECT, (error,), ack.Original.salvage(head))
+        self._record(tenant, base_url, access, outcome)
+        return self._ack_bytes(outcome)
+
+    def _release(self, tenant: str, message_id: str) -> None:
+        try:
+            self.store.release(tenant, message_id)
+        except Exception:  # the database is gone too: the message is taken up once its claim is stale
+            log.warning("could not release HL7 v2 message %s after a failure", message_id, exc_info=True)
 
     def _process(self, tenant: str, base_url: str, access: AccessContext, message: er7.Message,
                  problems: list[Hl7Error]) -> Outcome:

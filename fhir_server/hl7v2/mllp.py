@@ -18,10 +18,14 @@ def frame(payload: bytes) -> bytes:
     return START + payload + END
 
 
+HEAD = 4096  # what of a frame too large is kept: enough for its MSH, to address the rejection
+
+
 class FrameTooLarge(Exception):  # reported (returned by feed), not raised
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, head: bytes = b"") -> None:
         super().__init__(f"an MLLP frame larger than {limit} bytes")
         self.limit = limit
+        self.head = head  # the frame's first bytes
 
 
 @dataclass(slots=True)
@@ -61,9 +65,10 @@ class Deframer:
             chunk_end = end if end >= 0 else n
             if self._buffer is not None:
                 if len(self._buffer) + chunk_end - i > self.max_size:
+                    head = (bytes(self._buffer[:HEAD]) + data[i:i + HEAD])[:HEAD]
                     self.dropped += len(self._buffer)
                     self._buffer, self._skipping = None, True
-                    out.append(FrameTooLarge(self.max_size))
+                    out.append(FrameTooLarge(self.max_size, head))
                 else:
                     self._buffer += data[i:chunk_end]
             if self._skipping:

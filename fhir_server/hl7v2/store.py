@@ -3,9 +3,12 @@
 A message is admitted (stored, status ``processing``) in a transaction of its own before anything is done with it,
 so that no message is lost whatever happens next; its outcome (``processed``, ``error`` or ``rejected``, and the
 ACK) is written when it is known. The sender and control id (MSH-3, MSH-4, MSH-10) are kept as a blind index, unique
-per tenant: a message that comes again finds the first one and its ACK (``Admission.earlier``). A message left
-``processing`` by a process that died is taken up again by the next attempt once it is ``STALE_SECONDS`` old; one
-that another process is working on now is ``busy``.
+per tenant: a message that comes again finds the first one and its ACK (``Admission.earlier``).
+
+A message being processed names its owner (host, process id and a per-process instance). One left ``processing``
+is taken up again by the next attempt at once when its owner is known to be gone (a process of this host that no
+longer runs, an earlier instance of this very process id, or an attempt that gave up and released it), and otherwise
+once it is ``STALE_SECONDS`` old (an owner on another host, which cannot be asked); until then it is ``busy``.
 
 Failed messages stay (the dead-letter list: ``pending(status="error")``) until ``fhir-server hl7 replay`` processes
 them again after a mapping fix.
@@ -15,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server.clock import now_us
@@ -36,6 +41,32 @@ ACK_KIND = "hl7v2-ack"
 STALE_SECONDS = 120  # a message "processing" this long was left by a process that died
 PROCESSING, PROCESSED, ERROR, REJECTED = "processing", "processed", "error", "rejected"
 STATUSES = (PROCESSING, PROCESSED, ERROR, REJECTED)
+_HOST = socket.gethostname()[:64]
+_INSTANCES: dict[int, str] = {}  # pid -> this process's instance (a forked child gets one of its own)
+
+
+def owner() -> str:
+    pid = os.getpid()
+    return f"{_HOST}:{pid}:{_INSTANCES.setdefault(pid, uuid.uuid4().hex[:12])}"
+
+
+def abandoned(who: str | None) -> bool:
+    """Nobody works on a message this owner holds any more (as far as this host can tell)."""
+    if who is None:
+        return True
+    parts = who.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+        return False  # another host's: only time tells
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return who != owner()  # an earlier process that had this pid (a container restarted, say)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OSError):
+        return False
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +110,7 @@ class MessageStore:
             dialect_insert = postgresql.insert if repo.conn.dialect.name == "postgresql" else sqlite.insert
             inserted = repo.conn.execute(dialect_insert(M).values(
                 tenant_id=repo.tenant.id, id=message_id, received=now, updated=now, dedupe=dedupe, status=PROCESSING,
-                kind=(kind or "")[:24] or None, attempts=1, key_version=kv, body=sealed,
+                kind=(kind or "")[:24] or None, attempts=1, owner=owner(), key_version=kv, body=sealed,
             ).on_conflict_do_nothing().returning(M.c.id)).first()
             if inserted is not None:
                 return Admission(message_id)
@@ -88,23 +119,35 @@ class MessageStore:
                 ack = repo.sealer.open_record(ACK_KIND, row.id, row.ack_key_version, bytes(row.ack)) if row.ack else None
                 body = repo.sealer.open_record(KIND, row.id, row.key_version, bytes(row.body))
                 return Admission(row.id, earlier=ack, earlier_status=row.status, earlier_body=body)
-            taken = repo.conn.execute(update(M).where(
-                M.c.tenant_id == repo.tenant.id, M.c.id == row.id, M.c.status == PROCESSING,
-                M.c.updated == row.updated, M.c.updated < now - STALE_SECONDS * 1_000_000,
-            ).values(updated=now, attempts=M.c.attempts + 1))
-            if taken.rowcount == 1:  # left by a process that died: this attempt takes it over
+            if self._take(repo, row, now):  # left by a process that died: this attempt takes it over
                 return Admission(row.id)
             return Admission(row.id, busy=True)
+
+    @staticmethod
+    def _take(repo: ResourceRepository, row: object, now: int) -> bool:
+        """Make this process the owner of a stored message, unless another one is at it now."""
+        free = row.status != PROCESSING or abandoned(row.owner)  # type: ignore[attr-defined]
+        taken = repo.conn.execute(update(M).where(
+            M.c.tenant_id == repo.tenant.id, M.c.id == row.id, M.c.updated == row.updated,  # type: ignore[attr-defined]
+            M.c.status == row.status,  # type: ignore[attr-defined]
+            *(() if free else (M.c.updated < now - STALE_SECONDS * 1_000_000,)),
+        ).values(status=PROCESSING, owner=owner(), updated=now, attempts=M.c.attempts + 1))
+        return taken.rowcount == 1
 
     def claim(self, tenant: str, message_id: str) -> bool:
         """Take a stored message up again (a replay): False when another process works on it now."""
         now = now_us()
         with self.storage.session(tenant, write=True, audited=False, tenant_lock=False) as repo:
-            done = repo.conn.execute(update(M).where(
-                M.c.tenant_id == repo.tenant.id, M.c.id == message_id,
-                or_(M.c.status != PROCESSING, M.c.updated < now - STALE_SECONDS * 1_000_000),
-            ).values(status=PROCESSING, updated=now, attempts=M.c.attempts + 1))
-            return done.rowcount == 1
+            row = repo.conn.execute(select(M.c.id, M.c.status, M.c.updated, M.c.owner).where(
+                M.c.tenant_id == repo.tenant.id, M.c.id == message_id)).first()
+            return row is not None and self._take(repo, row, now)
+
+    def release(self, tenant: str, message_id: str) -> None:
+        """Give up on a message this process was processing (it failed for a reason of ours, not the message's): the
+        next attempt takes it up at once."""
+        with self.storage.session(tenant, write=True, audited=False, tenant_lock=False) as repo:
+            repo.conn.execute(update(M).where(M.c.tenant_id == repo.tenant.id, M.c.id == message_id,
+                                              M.c.status == PROCESSING, M.c.owner == owner()).values(owner=None))
 
     def finish(self, tenant: str, message_id: str, status: str, error_code: str | None, ack: bytes) -> None:
         """A message's outcome and ACK."""
@@ -112,7 +155,7 @@ class MessageStore:
         with self.storage.session(tenant, write=True, audited=False, tenant_lock=False) as repo:
             kv, sealed = repo.sealer.seal_record(ACK_KIND, message_id, ack)
             repo.conn.execute(update(M).where(M.c.tenant_id == repo.tenant.id, M.c.id == message_id).values(
-                status=status, error_code=error_code, ack_key_version=kv, ack=sealed, updated=now_us()))
+                status=status, error_code=error_code, owner=None, ack_key_version=kv, ack=sealed, updated=now_us()))
 
     def load(self, tenant: str, message_id: str) -> tuple[Stored, bytes] | None:
         with self.storage.session(tenant, write=False, shared=False) as repo:

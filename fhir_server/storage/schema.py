@@ -455,6 +455,7 @@ hl7_messages = Table(
     Column("kind", String(24), nullable=True),  # MSH-9, e.g. ADT^A01 (no PHI)
     Column("error_code", String(8), nullable=True),  # HL7 table 0357 code of the first error
     Column("attempts", Integer, nullable=False),
+    Column("owner", String(96), nullable=True),  # processing: the process at it (host:pid:instance); NULL: nobody
     Column("key_version", Integer, nullable=False),
     Column("body", LargeBinary, nullable=False),  # the message's bytes, sealed
     Column("ack_key_version", Integer, nullable=True),

@@ -117,3 +117,18 @@ def test_decimal_and_extension_values(registry: Registry) -> None:
 def test_issue_count_is_bounded(registry: Registry) -> None:
     resource = {"resourceType": "Patient", **{f"bad{i}": i for i in range(200)}}
     assert len(problems(registry, resource)) == 50
+
+
+def test_base64_binary_is_checked_in_linear_time_and_not_held_to_the_string_limit(registry: Registry) -> None:
+    import base64
+    import os
+
+    data = base64.b64encode(os.urandom(3 * 1024 * 1024)).decode()  # 4 MiB of base64: more than a string may hold
+    assert problems(registry, {"resourceType": "Binary", "contentType": "application/pdf", "data": data}) == []
+    wrapped = "\n".join(data[i:i + 76] for i in range(0, 76 * 20, 76))  # MIME line breaks between quads
+    assert problems(registry, {"resourceType": "Binary", "contentType": "text/plain", "data": wrapped}) == []
+    for bad in ("abc", "ab!=", "    "):
+        [(where, text)] = problems(registry, {"resourceType": "Binary", "contentType": "text/plain", "data": bad})
+        assert where == "Binary.data" and ("base64Binary" in text or "empty" in text)
+    assert problems(registry, {"resourceType": "Patient", "name": [{"family": "x" * (1024 * 1024 + 1)}]}) == [
+        ("Patient.name[0].family", "string is longer than 1 MB")]

@@ -3,15 +3,24 @@ for replay, and a message left half-done by a dead process taken up once."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from sqlalchemy import select, update
 
 from fhir_server.engine.engine import Engine
-from fhir_server.hl7v2 import er7, messages
+from fhir_server.hl7v2 import er7, messages, store
 from fhir_server.hl7v2.intake import Intake
-from fhir_server.hl7v2.store import ERROR, PROCESSED, PROCESSING, REJECTED, STALE_SECONDS
+from fhir_server.hl7v2.store import (
+    ERROR,
+    PROCESSED,
+    PROCESSING,
+    REJECTED,
+    STALE_SECONDS,
+)
 from fhir_server.security.access import INTERNAL
 from fhir_server.storage import schema
 from fhir_server.storage.store import Storage
@@ -96,10 +105,14 @@ def test_a_failed_message_is_replayed_after_a_fix(engine: Engine, tenant: str, m
     assert er7.parse(again.data).segment("MSA").value(1) == "AA"  # type: ignore[union-attr]
 
 
-def age(storage: Storage, tenant: str, seconds: int) -> None:
+ELSEWHERE = "other-host.example:4242:0123456789ab"  # a process on another host: only time tells it is gone
+
+
+def age(storage: Storage, tenant: str, seconds: int, owner: str | None = ELSEWHERE) -> None:
+    """Make the tenant's messages "processing" since ``seconds`` ago, by ``owner``."""
     with storage.session(tenant, write=True, audited=False) as repo:
         repo.conn.execute(update(M).where(M.c.tenant_id == repo.tenant.id).values(
-            status=PROCESSING, updated=M.c.updated - seconds * 1_000_000))
+            status=PROCESSING, owner=owner, updated=M.c.updated - seconds * 1_000_000))
 
 
 def test_a_message_a_dead_process_left_is_taken_up_once(engine: Engine, tenant: str) -> None:
@@ -121,6 +134,29 @@ def test_a_message_being_processed_elsewhere_is_busy(engine: Engine, tenant: str
     busy = receive(intake, tenant, ADMIT.format(control="b1"))
     assert busy.outcomes[0].code == "AE" and busy.outcomes[0].errors[0].code == "206"
     assert intake.replay(tenant, BASE.format(tenant), INTERNAL, rows(engine.storage, tenant)[0].id) is None
+    age(engine.storage, tenant, 0, owner=f"{store._HOST}:{os.getppid()}:0123456789ab")  # a live process here
+    assert receive(intake, tenant, ADMIT.format(control="b1")).outcomes[0].errors[0].code == "206"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("who", ["dead", "earlier instance", "released"])
+def test_a_message_whose_owner_is_known_to_be_gone_is_taken_up_at_once(engine: Engine, tenant: str, who: str) -> None:
+    intake = Intake(engine)
+    receive(intake, tenant, ADMIT.format(control="g1"))
+    owner = {"dead": f"{store._HOST}:{_dead_pid()}:0123456789ab",  # a process of this host that no longer runs
+             "earlier instance": f"{store._HOST}:{os.getpid()}:000000000000",  # this pid, an earlier process
+             "released": None}[who]  # an attempt that failed and let it go
+    age(engine.storage, tenant, 1, owner=owner)
+    again = receive(intake, tenant, ADMIT.format(control="g1"))
+    assert again.outcomes[0].code == "AA" and not again.outcomes[0].duplicate
+    [row] = rows(engine.storage, tenant)
+    assert (row.status, row.attempts, row.owner) == (PROCESSED, 2, None)
+    assert store.abandoned(owner) and not store.abandoned(store.owner()) and not store.abandoned(ELSEWHERE)
 
 
 def test_a_reused_control_id_for_another_message_is_kept_as_an_error(engine: Engine, tenant: str) -> None:

@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("kind", sa.String(24), nullable=True),
         sa.Column("error_code", sa.String(8), nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False),
+        sa.Column("owner", sa.String(96), nullable=True),
         sa.Column("key_version", sa.Integer, nullable=False),
         sa.Column("body", sa.LargeBinary, nullable=False),
         sa.Column("ack_key_version", sa.Integer, nullable=True),
