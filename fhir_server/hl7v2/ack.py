@@ -17,7 +17,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from fhir_server.hl7v2.er7 import CHARSETS, Delimiters, Hl7Error, Location, Message, escape, lines
+from fhir_server.hl7v2.er7 import CHARSETS, Delimiters, Hl7Error, Location, Message, Segment, escape, lines
 
 ACCEPT, ERROR, REJECT = "AA", "AE", "AR"
 TABLE_0357 = "HL70357"
@@ -46,6 +46,12 @@ class Original:
         m = message.msh
         return cls(message.delimiters, (m.field(3), m.field(4)), (m.field(5), m.field(6)), m.value(9, 2) or "",
                    m.field(10), m.field(11) or "P", m.field(12) or "2.5.1", m.field(18), message.charset)
+
+    @classmethod
+    def of_header(cls, header: Segment) -> Original:
+        """A batch's or file's header (BHS, FHS: sender and receiver where MSH has them), for a batch ACK."""
+        return cls(header.delimiters, (header.field(3), header.field(4)), (header.field(5), header.field(6)),
+                   codec=header.charset)
 
     @classmethod
     def salvage(cls, data: bytes | str) -> Original:

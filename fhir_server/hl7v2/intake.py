@@ -82,6 +82,10 @@ class Intake:
             outcome = Outcome(ack.REJECT, (exc,), original)
             admission = self.store.admit(tenant, data, None, None)
             return self._answer([self._finish(tenant, base_url, access, admission.id, outcome)], None)
+        if not envelope.messages:  # a batch or file with nothing in it: answered by an empty batch of ACKs
+            header = envelope.header or next((b.header for b in envelope.batches if b.header is not None), None)
+            nobody = ack.Original.of_header(header) if header is not None else ack.Original(er7.Delimiters())
+            return self._answer([], envelope, nobody)
         single = envelope.kind == "message"
         outcomes = []
         for m in envelope.messages:
@@ -220,8 +224,10 @@ class Intake:
     def _ack_bytes(self, outcome: Outcome) -> bytes:
         return outcome.ack if outcome.ack is not None else ack.encode(self._ack_text(outcome), outcome.original)
 
-    def _answer(self, outcomes: list[Outcome], envelope: er7.Envelope | None) -> Answer:
-        first = outcomes[0].original
+    def _answer(self, outcomes: list[Outcome], envelope: er7.Envelope | None,
+                addressed: ack.Original | None = None) -> Answer:
+        first = outcomes[0].original if outcomes else addressed
+        assert first is not None
         if envelope is None:
             return Answer(self._ack_bytes(outcomes[0]), tuple(outcomes), first.codec)
         texts = [self._ack_text(o) for o in outcomes]  # a batch of ACKs
