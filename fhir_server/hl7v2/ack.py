@@ -17,7 +17,16 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from fhir_server.hl7v2.er7 import CHARSETS, Delimiters, Hl7Error, Location, Message, Segment, escape, lines
+from fhir_server.hl7v2.er7 import (
+    CHARSETS,
+    Delimiters,
+    Hl7Error,
+    Location,
+    Message,
+    Segment,
+    escape,
+    lines,
+)
 
 ACCEPT, ERROR, REJECT = "AA", "AE", "AR"
 TABLE_0357 = "HL70357"

@@ -12,7 +12,14 @@ from typing import Any
 from fhir_server.hl7v2 import datatypes as dt
 from fhir_server.hl7v2 import segments as sg
 from fhir_server.hl7v2.bundle import DERIVED
-from fhir_server.hl7v2.er7 import DATA_TYPE, REQUIRED_MISSING, Hl7Error, Location, Message, Segment
+from fhir_server.hl7v2.er7 import (
+    DATA_TYPE,
+    REQUIRED_MISSING,
+    Hl7Error,
+    Location,
+    Message,
+    Segment,
+)
 
 JsonDict = dict[str, Any]
 
