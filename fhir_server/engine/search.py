@@ -441,5 +441,7 @@ def ids_matching(engine: Engine, repo: Any, rtype: str, pairs: list[tuple[str, s
     compiler = Compiler(repo.sealer.keys, ctx.extractor, "", materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
                         fetch_ids=store.ids_if_few)
     where, confirmations = _where(store, compiler, parsed, (rtype,))
+    if not confirmations:  # the index alone decides: ids, without reading (and decrypting) the bodies
+        return store.ids(where, limit)
     page, _ = _sql_page(store, where, confirmations, [], dataclasses.replace(parsed, count=limit), None)
     return [r.res_id for r in page]

@@ -91,6 +91,11 @@ class SearchStore:
             rows.append(Row(r.res_type, r.res_id, r.version, r.last_updated, tuple(r[4 : 4 + n]), body))
         return rows
 
+    def ids(self, where: list[ColumnElement[bool]], limit: int) -> list[str]:
+        """The first ``limit`` ids matching ``where`` (in the order ``fetch`` pages them), from the index alone."""
+        stmt = select(R.c.res_id).where(*where).order_by(R.c.res_type, R.c.res_id).limit(limit)
+        return [r[0] for r in self.conn.execute(stmt)]
+
     def ids_if_few(self, ids: Any, limit: int) -> list[str] | None:
         """The ids a subquery selects, if there are at most ``limit`` of them (else None)."""
         found = [r[0] for r in self.conn.execute(select(ids.subquery().c[0]).distinct().limit(limit + 1))]
