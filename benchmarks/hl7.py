@@ -9,15 +9,13 @@ and the patient's conditional create. Figures: messages per second, ACK latency 
 
 from __future__ import annotations
 
-import queue
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import BIN, Server
-from testsupport.hl7 import MllpClient, msa, oru
+from testsupport.hl7 import MllpClient, msa, oru, start_listener
 
 _SERIES = iter(range(10**9))  # every message of every run a control id of its own
 _LOCK = threading.Lock()
@@ -28,28 +26,8 @@ def _next() -> int:
         return next(_SERIES)
 
 
-def start_listener(server: Server, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    log = workdir / "mllp.log"
-    command = [str(BIN / "fhir-server"), "hl7", "mllp", "--tenant", "default", "--port", "0"]
-    proc = subprocess.Popen(command,
-                            env=server.env, stdout=subprocess.PIPE, stderr=open(log, "ab"))  # noqa: SIM115
-    lines: queue.Queue[bytes] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.put(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        line = lines.get(timeout=120).decode()
-    except queue.Empty:
-        proc.kill()
-        raise RuntimeError(f"the MLLP listener did not start: {log.read_text()[-2000:]}") from None
-    return proc, int(line.split()[2].rsplit(":", 1)[1])
-
-
 def mllp_workload(server: Server, workdir: Path, seconds: int, *, connections: int = 4) -> dict[str, Any]:
-    proc, port = start_listener(server, workdir)
+    proc, port = start_listener([str(BIN / "fhir-server")], server.env, workdir / "mllp.log")
     try:
         with MllpClient("127.0.0.1", port) as warm:  # the patients made, the listener's caches warm
             for _ in range(100):

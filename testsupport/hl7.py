@@ -1,9 +1,13 @@
-"""HL7 v2 for tests and benchmarks: ORU^R01 messages made to order, and an MLLP client."""
+"""HL7 v2 for tests and benchmarks: ORU^R01 messages made to order, an MLLP client, the listener as a subprocess."""
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
+import subprocess
+import threading
+from pathlib import Path
 from typing import Self
 
 from fhir_server.hl7v2 import er7, mllp
@@ -88,3 +92,28 @@ def msa(ack: bytes) -> tuple[str | None, str | None]:
     segment = er7.parse(ack).segment("MSA")
     assert segment is not None, ack
     return segment.value(1), segment.value(2)
+
+
+def start_listener(command: list[str], env: dict[str, str], log: Path, *,
+                   timeout: float = 120) -> tuple[subprocess.Popen[str], int]:
+    """Run ``command`` (``fhir-server`` as a list) ``hl7 mllp --tenant default --port 0`` with ``env`` until it says
+    where it listens; (the process, its port). Its log goes to ``log``."""
+    with open(log, "a") as err:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen([*command, "hl7", "mllp", "--tenant", "default", "--port", "0"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=err)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise RuntimeError(f"the MLLP listener did not start: {log.read_text()[-2000:]}") from None
+    if not line.startswith("listening on 127.0.0.1:"):
+        proc.kill()
+        raise RuntimeError(f"the MLLP listener said {line!r}")
+    return proc, int(line.strip().rsplit(":", 1)[1])

@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fhir_server.hl7v2 import ack
 from fhir_server.hl7v2.er7 import Hl7Error, Location
 from fhir_server.hl7v2.mllp import Deframer, FrameTooLarge, frame
 from fhir_server.security import audit_events as ae
@@ -152,7 +153,7 @@ class Listener:
             await self._converse(reader, writer, conn)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, TimeoutError) as exc:
             log.info("hl7 mllp connection ended", extra={"address": address, "why": type(exc).__name__})
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # shutting down while the sender was silent: nothing in hand to finish
             pass
         finally:
             del self.connections[task]
@@ -183,8 +184,6 @@ class Listener:
 
     def _handle(self, item: bytes | FrameTooLarge, conn: _Connection) -> bytes:
         """One frame's ACK (in a pool thread)."""
-        from fhir_server.hl7v2 import ack
-
         ae.set_origin(ae.Origin(conn.address, str(uuid.uuid4())))
         try:
             if isinstance(item, FrameTooLarge):

@@ -3,9 +3,6 @@ acknowledged (and, to be sure, everything), and each message is processed exactl
 
 from __future__ import annotations
 
-import queue
-import subprocess
-import threading
 from pathlib import Path
 
 from fhir_server.hl7v2 import mllp
@@ -13,34 +10,15 @@ from fhir_server.settings import Settings
 from testsupport.backends import DatabaseUrls
 from testsupport.cli import CLI, cli_environment, run
 from testsupport.engine_calls import call, resource
-from testsupport.hl7 import MllpClient, msa, oru
+from testsupport.hl7 import MllpClient, msa, oru, start_listener
 
 MESSAGES = 40
-
-
-def start(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([*CLI, "hl7", "mllp", "--tenant", "default", "--port", "0"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=open(log, "a"))  # noqa: SIM115 - the child keeps it
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout or ():
-            lines.put(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        line = lines.get(timeout=60)
-    except queue.Empty:
-        proc.kill()
-        raise AssertionError(f"the listener did not start: {log.read_text()[-2000:]}") from None
-    assert line.startswith("listening on 127.0.0.1:"), line
-    return proc, int(line.strip().rsplit(":", 1)[1])
 
 
 def test_killed_mid_stream_then_everything_resent_is_processed_once(fresh_db: DatabaseUrls, tmp_path: Path) -> None:
     env = cli_environment(fresh_db, tmp_path)
     messages = [oru(i, observations=10) for i in range(MESSAGES)]
-    proc, port = start(env, tmp_path / "listener.log")
+    proc, port = start_listener(CLI, env, tmp_path / "listener.log")
     first: list[bytes] = []
     with MllpClient("127.0.0.1", port) as c:
         c.send_raw(b"".join(mllp.frame(m) for m in messages))  # all at once: the listener works through them in turn
@@ -52,7 +30,7 @@ def test_killed_mid_stream_then_everything_resent_is_processed_once(fresh_db: Da
     done = [line for line in stored if "\tprocessed\t" in line]
     assert 5 <= len(done) < MESSAGES, "the kill landed in the middle of the stream"
 
-    proc, port = start(env, tmp_path / "listener.log")
+    proc, port = start_listener(CLI, env, tmp_path / "listener.log")
     try:
         with MllpClient("127.0.0.1", port) as c:
             again = [c.exchange(m) for m in messages]
