@@ -18,7 +18,6 @@ within one parameter of one tenant, nothing else (see docs/security.md).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
@@ -122,7 +121,7 @@ def blind_index(param_key: bytes, normalized_value: str) -> bytes:
 
     A pure function with a golden test: changing it breaks every stored index.
     """
-    return hmac.new(param_key, normalized_value.encode("utf-8"), hashlib.sha256).digest()[:BLIND_INDEX_BYTES]
+    return hmac.digest(param_key, normalized_value.encode("utf-8"), "sha256")[:BLIND_INDEX_BYTES]
 
 
 @dataclass(frozen=True, slots=True)
