@@ -139,7 +139,7 @@ class Intake:
             self._record(tenant, base_url, access, outcome)
             return outcome
         try:
-            outcome = self._process(tenant, base_url, access, message, problems)
+            outcome = self._process(tenant, base_url, access, message, problems, fresh=admission.fresh)
         except BaseException:
             self._release(tenant, admission.id)
             raise
@@ -159,11 +159,13 @@ class Intake:
             log.warning("could not release HL7 v2 message %s after a failure", message_id, exc_info=True)
 
     def _process(self, tenant: str, base_url: str, access: AccessContext, message: er7.Message,
-                 problems: list[Hl7Error]) -> Outcome:
+                 problems: list[Hl7Error], *, fresh: bool = False) -> Outcome:
         original = ack.Original.of(message)
         key = message_key(message)
-        if key is not None and self._known(tenant, base_url, access, "Provenance", key, "entity:identifier"):
-            # its data committed before (the process that did it died before it could say so): not again
+        if not fresh and key is not None and self._known(tenant, base_url, access, "Provenance", key, "entity:identifier"):
+            # Taken up again (left by a process that died, or replayed): its data may have committed before the
+            # process that did it could say so. Then it is not done again. A message stored just now (``fresh``)
+            # cannot have been processed: the store is where every message starts.
             return Outcome(ack.ACCEPT, tuple(problems), original)
         try:
             bundle = messages.to_bundle(message, zone=self.zone, known=lambda t, k: self._known(tenant, base_url, access, t, k))

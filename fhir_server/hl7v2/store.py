@@ -76,6 +76,7 @@ class Admission:
     earlier_status: str | None = None
     earlier_body: bytes | None = None  # that message as it was received
     busy: bool = False  # the same message is being processed now, elsewhere
+    fresh: bool = False  # stored just now, never seen before: nothing of it can have been processed yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +114,7 @@ class MessageStore:
                 kind=(kind or "")[:24] or None, attempts=1, owner=owner(), key_version=kv, body=sealed,
             ).on_conflict_do_nothing().returning(M.c.id)).first()
             if inserted is not None:
-                return Admission(message_id)
+                return Admission(message_id, fresh=True)
             row = repo.conn.execute(select(M).where(M.c.tenant_id == repo.tenant.id, M.c.dedupe == dedupe)).one()
             if row.status != PROCESSING:
                 ack = repo.sealer.open_record(ACK_KIND, row.id, row.ack_key_version, bytes(row.ack)) if row.ack else None

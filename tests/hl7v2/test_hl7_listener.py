@@ -176,11 +176,11 @@ def test_a_server_failure_is_ar_and_the_message_is_taken_up_when_sent_again(engi
     real = intake._process
     calls = []
 
-    def failing_once(*args: Any) -> Any:
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 1:
             raise ConnectionResetError("the database went away")
-        return real(*args)
+        return real(*args, **kwargs)
 
     intake._process = failing_once  # type: ignore[method-assign,assignment]
     with listening(engine, tenant, intake=intake) as listener, client(listener) as c:
