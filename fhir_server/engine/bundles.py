@@ -257,7 +257,7 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
         current = None
         with storage_errors(req.tenant), engine.storage.session(req.tenant, write=True, exclusive=exclusive) as repo:
             conditional.lock_all_criteria(repo, [c for e in writes for c in e.criteria])
-            mapping = Identities()
+            mapping = Identities(found=conditional.matches_many(engine, repo, _searches(writes), req.access))
             for current in writes:
                 _resolve_identity(engine, repo, current, mapping, req.access)
             current = None
@@ -369,6 +369,29 @@ class Identities:
     local: dict[str, str] = field(default_factory=dict)
     absolute: dict[str, str] = field(default_factory=dict)
     matched: dict[tuple[str, str], str] = field(default_factory=dict)
+    # What the conditional criteria of the entries match, searched together up front (``conditional.matches_many``),
+    # by (type, normalised query, permission).
+    found: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+
+    def matches(self, engine: Engine, repo: ResourceRepository, rtype: str, query: str, access: AccessContext,
+                permission: str) -> list[str]:
+        known = self.found.get((rtype, conditional.normal_criteria(query), permission))
+        return known if known is not None else conditional.matches(engine, repo, rtype, query, access, permission)
+
+
+def _searches(writes: list[Entry]) -> list[tuple[str, str, str]]:
+    """The conditional searches the entries will make (type, query, permission), but those of conditional deletes
+    (whose limits are their own)."""
+    out = []
+    for e in writes:
+        if e.method == "POST" and e.if_none_exist:
+            out.append((e.rtype, conditional._criteria(e.if_none_exist, e.rtype), "c"))
+        elif e.method in ("PUT", "PATCH") and len(e.path) == 1:
+            out.append((e.rtype, e.query, "u"))
+        source = e.patch[0] if e.patch is not None else e.resource if e.method in ("POST", "PUT") else None
+        if source is not None:
+            out.extend((rtype, query, "s") for rtype, _, query in (r.partition("?") for r in _conditional_references(source)))
+    return out
 
 
 def _criteria_of(e: Entry) -> list[tuple[str, str]]:
@@ -416,7 +439,7 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
             if criteria in mapping.matched:  # the same conditional create earlier in this Bundle
                 e.target, e.existing = mapping.matched[criteria], True
             else:
-                found = conditional.matches(engine, repo, rtype, criteria[1], access, "c")
+                found = mapping.matches(engine, repo, rtype, criteria[1], access, "c")
                 if len(found) > 1:
                     raise PreconditionFailed(f"ifNoneExist matches {len(found)} or more {rtype} resources", expression="request.ifNoneExist")
                 if found:
@@ -431,7 +454,7 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
         if e.method == "DELETE":
             e.deletes = [e.path[1]]
     elif e.method == "PUT":
-        found = conditional.matches(engine, repo, rtype, e.query, access, "u")
+        found = mapping.matches(engine, repo, rtype, e.query, access, "u")
         if len(found) > 1:
             raise PreconditionFailed(f"The conditional update matches {len(found)} or more {rtype} resources", expression="request.url")
         body_id = e.resource.get("id")
@@ -442,7 +465,7 @@ def _resolve_identity(engine: Engine, repo: ResourceRepository, e: Entry, mappin
     elif e.method == "DELETE":
         e.deletes = conditional.delete_targets(engine, repo, rtype, e.query, access)
     else:  # conditional PATCH
-        found = conditional.matches(engine, repo, rtype, e.query, access, "u")
+        found = mapping.matches(engine, repo, rtype, e.query, access, "u")
         if len(found) > 1:
             raise PreconditionFailed(f"The conditional patch matches {len(found)} or more {rtype} resources", expression="request.url")
         if not found:
@@ -567,7 +590,7 @@ class _Rewriter:
         known = self.mapping.matched.get((rtype, conditional.normal_criteria(query)))
         if known is not None:
             return known
-        found = conditional.matches(self.engine, self.repo, rtype, query, self.access, "s")
+        found = self.mapping.matches(self.engine, self.repo, rtype, query, self.access, "s")
         if len(found) != 1:
             raise PreconditionFailed(
                 f"The conditional reference {reference[:120]!r} matches {'no' if not found else 'more than one'} {rtype}; "

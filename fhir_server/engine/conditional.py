@@ -33,7 +33,8 @@ from fhir_server.engine.resources import (
     write_in,
     write_response,
 )
-from fhir_server.errors import BadRequest, Gone, Issue, NotFound, PreconditionFailed, operation_outcome
+from fhir_server.errors import BadRequest, FhirError, Gone, Issue, NotFound, PreconditionFailed, operation_outcome
+from fhir_server.search.query import Clause
 from fhir_server.security.access import AccessContext
 from fhir_server.storage.repository import ResourceRepository, VersionRecord, WriteResult
 
@@ -56,8 +57,9 @@ def lock_criteria(repo: ResourceRepository, rtype: str, query: str) -> None:
 def lock_all_criteria(repo: ResourceRepository, criteria: list[tuple[str, str]]) -> None:
     """Take the criteria locks of a unit of work, in one global order (so two of them cannot deadlock).
 
-    PostgreSQL advisory transaction locks, keyed by tenant, type and the normalised criteria; taking one
-    already held is a no-op. SQLite has one writer at a time: nothing to do.
+    PostgreSQL advisory transaction locks, keyed by tenant, type and the normalised criteria, all in one statement
+    (``unnest`` yields the sorted keys in order, and each is locked as its row comes); a lock this unit of work
+    already holds is not asked for again. SQLite has one writer at a time: nothing to do.
     """
     if repo.conn.dialect.name != "postgresql" or not criteria:
         return
@@ -65,8 +67,14 @@ def lock_all_criteria(repo: ResourceRepository, criteria: list[tuple[str, str]])
     for rtype, query in criteria:
         digest = hashlib.sha256(f"{repo.tenant.id}\x00{rtype}\x00{normal_criteria(query)}".encode()).digest()
         keys.add(int.from_bytes(digest[:8], "big", signed=True))
-    for key in sorted(keys):
-        repo.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+    wanted = sorted(keys - repo.advisory_locks)
+    if not wanted:
+        return
+    repo.conn.execute(_LOCK_MANY, {"keys": wanted})
+    repo.advisory_locks.update(wanted)
+
+
+_LOCK_MANY = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) AS k")
 
 
 def matches(engine: Engine, repo: ResourceRepository, rtype: str, query: str, access: AccessContext, permission: str,
@@ -76,6 +84,32 @@ def matches(engine: Engine, repo: ResourceRepository, rtype: str, query: str, ac
     lock_criteria(repo, rtype, query)
     constraint = authorization.constraint(engine, engine.contexts.for_repo(repo), access, permission, rtype)
     return search.matching_ids(engine, repo, rtype, query, limit=limit, constraint=constraint, access=access)
+
+
+def matches_many(engine: Engine, repo: ResourceRepository, wanted: list[tuple[str, str, str]],
+                 access: AccessContext) -> dict[tuple[str, str, str], list[str]]:
+    """``matches`` (limit 2) for many criteria (type, query, permission) at once: what the index alone decides, in
+    one statement, keyed by (type, normalised query, permission). Criteria missing from the answer (in error, or
+    needing the bodies) are for ``matches`` to decide, one by one."""
+    keyed = list(dict.fromkeys((rtype, normal_criteria(query), permission) for rtype, query, permission in wanted
+                               if engine.registry.is_resource_type(rtype)))
+    if not keyed:
+        return {}
+    lock_all_criteria(repo, [(rtype, query) for rtype, query, _ in keyed])
+    ctx = engine.contexts.for_repo(repo)
+    constraints: dict[tuple[str, str], Clause | None] = {}
+    searchable = []
+    for key in keyed:
+        rtype, _, permission = key
+        if (rtype, permission) not in constraints:
+            try:
+                constraints[(rtype, permission)] = authorization.constraint(engine, ctx, access, permission, rtype)
+            except FhirError:  # refused: ``matches`` says so, in the entry's turn
+                continue
+        searchable.append(key)
+    found = search.matching_ids_many(engine, repo, [(rtype, query, constraints[(rtype, permission)], 2)
+                                                    for rtype, query, permission in searchable], access=access)
+    return {key: ids for key, ids in zip(searchable, found) if ids is not None}
 
 
 # --- conditional create ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from fhir_server.engine.auditing import AUDIT_EVENT
 from fhir_server.engine.paging import CURSOR_PARAM, page_url
 from fhir_server.engine.request import FhirRequest, FhirResponse
 from fhir_server.engine.subsetting import subset
-from fhir_server.errors import BadRequest, Issue, operation_outcome
+from fhir_server.errors import BadRequest, FhirError, Issue, operation_outcome
 from fhir_server.fhirjson import RawJson
 from fhir_server.search.extract import normalize
 from fhir_server.search.parameters import ParameterSource
@@ -421,26 +421,68 @@ def matching_ids(engine: Engine, repo: Any, rtype: str, query: str, *, limit: in
     references): unknown parameters are errors here, since ignoring one would match too much.
     ``constraint`` (what the caller's access allows) is AND-ed in.
     """
+    pairs = _criteria_pairs(rtype, query)
+    return ids_matching(engine, repo, rtype, pairs, () if constraint is None else (constraint,), limit=limit, access=access)
+
+
+def matching_ids_many(engine: Engine, repo: Any, wanted: list[tuple[str, str, Clause | None, int]], *,
+                      access: AccessContext | None = None) -> list[list[str] | None]:
+    """``matching_ids`` for many criteria (type, query string, constraint, limit) at once: those that the index
+    alone decides in ONE statement (a transaction's conditional entries, which would be a round trip each).
+
+    None for criteria it leaves to ``matching_ids``: those in error (which ``matching_ids`` reports, so that the
+    entry they belong to is named in its turn) and those needing a look at the bodies.
+    """
+    store = SearchStore(repo)
+    out: list[list[str] | None] = [None] * len(wanted)
+    decided: list[tuple[int, list[Any], int]] = []
+    for n, (rtype, query, constraint, limit) in enumerate(wanted):
+        try:
+            pairs = _criteria_pairs(rtype, query)
+            where, confirmations, _ = _compiled(engine, repo, store, rtype, pairs,
+                                                () if constraint is None else (constraint,), access)
+        except FhirError:
+            continue
+        if not confirmations:
+            decided.append((n, where, limit))
+    for start in range(0, len(decided), IDS_PER_STATEMENT):
+        chunk = decided[start:start + IDS_PER_STATEMENT]
+        for (n, _, _), ids in zip(chunk, store.ids_many([(where, limit) for _, where, limit in chunk])):
+            out[n] = ids
+    return out
+
+
+IDS_PER_STATEMENT = 100  # SQLite allows 500 members in a compound SELECT
+
+
+def _criteria_pairs(rtype: str, query: str) -> list[tuple[str, str]]:
     pairs = parse_qsl(query, keep_blank_values=True)
     if not pairs:
         raise BadRequest(f"A conditional {rtype} needs search criteria", expression="query")
     if any(k in ("_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total") for k, _ in pairs):
         raise BadRequest("A conditional interaction takes search criteria only (no result parameters)", expression="query")
-    return ids_matching(engine, repo, rtype, pairs, () if constraint is None else (constraint,), limit=limit, access=access)
+    return pairs
+
+
+def _compiled(engine: Engine, repo: Any, store: SearchStore, rtype: str, pairs: list[tuple[str, str]],
+              clauses: tuple[Clause, ...], access: AccessContext | None) -> tuple[list[Any], list[Any], SearchQuery]:
+    """Criteria as SQL conditions, with what the index cannot decide (confirmations on the bodies)."""
+    ctx = engine.contexts.for_repo(repo)
+    parsed = ctx.parser.parse((rtype,), pairs, strict=True, extra={rtype: clauses} if clauses else None)
+    if access is not None:
+        parsed = authorization.guard_query(engine, ctx, access, parsed)
+    compiler = Compiler(repo.sealer.keys, ctx.extractor, "", materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
+                        fetch_ids=store.ids_if_few)
+    where, confirmations = _where(store, compiler, parsed, (rtype,))
+    return where, confirmations, parsed
 
 
 def ids_matching(engine: Engine, repo: Any, rtype: str, pairs: list[tuple[str, str]], clauses: tuple[Clause, ...], *,
                  limit: int, access: AccessContext | None = None) -> list[str]:
     """Ids of ``rtype`` resources matching criteria ``pairs`` and ``clauses``, inside an open unit of work
     (chains and ``_has`` held to ``access``, when given)."""
-    ctx = engine.contexts.for_repo(repo)
-    parsed = ctx.parser.parse((rtype,), pairs, strict=True, extra={rtype: clauses} if clauses else None)
-    if access is not None:
-        parsed = authorization.guard_query(engine, ctx, access, parsed)
     store = SearchStore(repo)
-    compiler = Compiler(repo.sealer.keys, ctx.extractor, "", materialize=lambda t, c, k: _materialize(engine, store, t, c, k),
-                        fetch_ids=store.ids_if_few)
-    where, confirmations = _where(store, compiler, parsed, (rtype,))
+    where, confirmations, parsed = _compiled(engine, repo, store, rtype, pairs, clauses, access)
     if not confirmations:  # the index alone decides: ids, without reading (and decrypting) the bodies
         return store.ids(where, limit)
     page, _ = _sql_page(store, where, confirmations, [], dataclasses.replace(parsed, count=limit), None)

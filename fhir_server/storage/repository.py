@@ -139,6 +139,8 @@ class ResourceRepository:
         self._postgres = conn.dialect.name == "postgresql"
         # AuditEvents (JSON objects) to append in this unit of work before it commits (the audit trail's).
         self.pending_audit: list[dict[str, Any]] = []
+        # The advisory locks (engine/conditional.py) this unit of work holds: taken once, held until it ends.
+        self.advisory_locks: set[int] = set()
 
     # --- reads -------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, and_, func, literal, or_, select, tuple_, union_all
 
 from fhir_server.storage import schema
 from fhir_server.storage.repository import ResourceRepository
@@ -95,6 +95,19 @@ class SearchStore:
         """The first ``limit`` ids matching ``where`` (in the order ``fetch`` pages them), from the index alone."""
         stmt = select(R.c.res_id).where(*where).order_by(R.c.res_type, R.c.res_id).limit(limit)
         return [r[0] for r in self.conn.execute(stmt)]
+
+    def ids_many(self, queries: list[tuple[list[ColumnElement[bool]], int]]) -> list[list[str]]:
+        """``ids`` of each (where, limit), in one statement (a UNION ALL of the queries)."""
+        if len(queries) <= 1:
+            return [self.ids(where, limit) for where, limit in queries]
+        members = []
+        for n, (where, limit) in enumerate(queries):
+            q = select(R.c.res_type, R.c.res_id).where(*where).order_by(R.c.res_type, R.c.res_id).limit(limit).subquery(f"q{n}")
+            members.append(select(literal(n).label("q"), q.c.res_type, q.c.res_id))
+        found: list[list[tuple[str, str]]] = [[] for _ in queries]
+        for r in self.conn.execute(union_all(*members)):
+            found[r.q].append((r.res_type, r.res_id))
+        return [[rid for _, rid in sorted(keys)] for keys in found]
 
     def ids_if_few(self, ids: Any, limit: int) -> list[str] | None:
         """The ids a subquery selects, if there are at most ``limit`` of them (else None)."""

@@ -455,3 +455,46 @@ def test_crossing_transactions_do_not_deadlock(engine: Engine, tenant: str) -> N
     with ThreadPoolExecutor(4) as pool:
         assert set(pool.map(cross, range(12))) == {200}
     assert count(engine, tenant, "Patient", (("family", "T"),)) >= 1
+
+
+def test_the_conditional_entries_of_a_transaction_are_searched_together(engine: Engine, tenant: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conditional entries are resolved up front, several to a statement (``search.matching_ids_many``): the same
+    answers as one by one, across statement boundaries, with the criteria that need the bodies and the criteria in
+    error still decided (and named) entry by entry."""
+    from fhir_server.engine import search
+
+    monkeypatch.setattr(search, "IDS_PER_STATEMENT", 4)
+    before = {str(i): resource(call(engine, tenant, "PUT", "Patient", pat(str(i), f"Was{i}"),
+                                    params=(("identifier", f"{MRN}|{i}"),)))["id"]
+              for i in range(6)}
+    call(engine, tenant, "POST", "Patient", {"resourceType": "Patient", "name": [{"family": "Zyxwvut"}]})
+    entries = [{"fullUrl": f"urn:uuid:00000000-0000-0000-0000-{i:012d}", "resource": pat(str(i), f"Now{i}"),
+                "request": {"method": "PUT", "url": f"Patient?identifier={MRN}|{i}"}} for i in range(10)]
+    entries.append({"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                                 "identifier": [{"system": "urn:obs", "value": "1"}],
+                                 "subject": {"reference": f"Patient?identifier={MRN}|3"}},
+                    "request": {"method": "POST", "url": "Observation", "ifNoneExist": "identifier=urn:obs|1"}})
+    entries.append({"resource": {"resourceType": "Patient", "name": [{"family": "Zyxwvut"}], "active": True},
+                    "request": {"method": "PUT", "url": "Patient?family:contains=xwvu"}})  # confirmed on the body
+    out = post(engine, tenant, bundle("transaction", *entries))
+    statuses = [e["response"]["status"] for e in out["entry"]]
+    assert statuses == ["200 OK"] * 6 + ["201 Created"] * 4 + ["201 Created", "200 OK"]
+    for i in range(6):  # the same resources, updated
+        assert out["entry"][i]["response"]["location"].startswith(f"Patient/{before[str(i)]}/_history/2")
+    [obs] = [e["resource"] for e in resource(call(engine, tenant, "GET", "Observation", params=(("identifier", "urn:obs|1"),)))["entry"]]
+    assert obs["subject"]["reference"] == f"Patient/{before['3']}"
+    assert count(engine, tenant, "Patient", (("active", "true"),)) == 1
+    again = post(engine, tenant, bundle("transaction", *entries[10:11]))  # the conditional create finds it
+    assert again["entry"][0]["response"]["status"] == "200 OK" and count(engine, tenant, "Observation") == 1
+
+    call(engine, tenant, "POST", "Patient", pat("5", "Twin"))  # MRN 5 now names two patients
+    failing = [*entries[:3], {"resource": pat("x"), "request": {"method": "PUT", "url": "Patient?nonsense=1"}},
+               *entries[4:5]]
+    with pytest.raises(FhirError) as bad:  # criteria in error: named in the entry's turn
+        post(engine, tenant, bundle("transaction", *failing))
+    assert bad.value.status == 400 and "Bundle.entry[3]" in bad.value.issues[0].expression[0]
+    with pytest.raises(FhirError) as two:
+        post(engine, tenant, bundle("transaction", *entries[:8]))
+    assert two.value.status == 412 and "Bundle.entry[5]" in two.value.issues[0].diagnostics
+    assert count(engine, tenant, "Patient", (("family", "Now"),)) == 10  # neither failure wrote anything
