@@ -26,8 +26,9 @@ def _next() -> int:
         return next(_SERIES)
 
 
-def mllp_workload(server: Server, workdir: Path, seconds: int, *, connections: int = 4) -> dict[str, Any]:
-    proc, port = start_listener([str(BIN / "fhir-server")], server.env, workdir / "mllp.log")
+def mllp_workload(server: Server, workdir: Path, seconds: int, *, connections: int = 4,
+                  processes: int = 1) -> dict[str, Any]:
+    proc, port = start_listener([str(BIN / "fhir-server")], server.env, workdir / "mllp.log", processes=processes)
     try:
         with MllpClient("127.0.0.1", port) as warm:  # the patients made, the listener's caches warm
             for _ in range(100):
@@ -63,6 +64,6 @@ def mllp_workload(server: Server, workdir: Path, seconds: int, *, connections: i
         "messages": n, "seconds": round(elapsed, 1), "messages_per_s": round(n / elapsed, 1),
         "p50_ms": round(latencies[n // 2] * 1000, 1) if n else None,
         "p99_ms": round(latencies[min(n - 1, int(n * 0.99))] * 1000, 1) if n else None,
-        "not_aa": len(failures), "connections": connections, "listener_processes": 1,
+        "not_aa": len(failures), "connections": connections, "listener_processes": processes,
         "observations_per_message": 10,
     }

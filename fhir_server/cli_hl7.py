@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -91,31 +93,30 @@ def hl7_replay(tenant_name: str, ids: tuple[str, ...]) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; off loopback, mutual TLS "
                                                                       "is required.")
 @click.option("--port", type=int, default=None, help="Port (default FHIR_HL7_MLLP_PORT, 2575; 0: any free port).")
+@click.option("--processes", type=int, default=None, help="Listener processes (default FHIR_HL7_MLLP_PROCESSES, 1); "
+                                                          "more than one: this process accepts and hands them the "
+                                                          "connections.")
 @click.option("--tls-cert", default=None, help="PEM certificate (default FHIR_HL7_TLS_CERT).")
 @click.option("--tls-key", default=None, help="PEM private key of --tls-cert (default FHIR_HL7_TLS_KEY).")
 @click.option("--tls-client-ca", default=None, help="PEM CA certificates senders' client certificates must chain "
                                                     "to (default FHIR_HL7_TLS_CLIENT_CA).")
-def hl7_mllp(tenant_name: str, host: str, port: int | None, tls_cert: str | None, tls_key: str | None,
-             tls_client_ca: str | None) -> None:
+def hl7_mllp(tenant_name: str, host: str, port: int | None, processes: int | None, tls_cert: str | None,
+             tls_key: str | None, tls_client_ca: str | None) -> None:
     """Receive HL7 v2 over MLLP for one tenant: each message stored, processed as one transaction, acknowledged
     after the commit. Runs until SIGTERM or SIGINT (messages in hand are finished and acknowledged first)."""
     import asyncio
     import ssl
 
     from fhir_server import logs
-    from fhir_server.capability.registry import load_registry
-    from fhir_server.engine.engine import Engine
-    from fhir_server.hl7v2.intake import Intake
-    from fhir_server.hl7v2.listener import Listener, is_loopback, tls_context
-    from fhir_server.security.crypto import cipher_named
+    from fhir_server.hl7v2 import supervisor
+    from fhir_server.hl7v2.listener import is_loopback, tls_context
     from fhir_server.security.keys import provider_from_settings
     from fhir_server.settings import Settings, SettingsError
-    from fhir_server.storage.database import Database
-    from fhir_server.storage.store import Storage
     from fhir_server.storage.tenants import TenantNotFound
 
-    given: dict[str, Any] = {k: v for k, v in (("hl7_mllp_port", port), ("hl7_tls_cert", tls_cert), ("hl7_tls_key", tls_key),
-                               ("hl7_tls_client_ca", tls_client_ca)) if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (("hl7_mllp_port", port), ("hl7_mllp_processes", processes),
+                                               ("hl7_tls_cert", tls_cert), ("hl7_tls_key", tls_key),
+                                               ("hl7_tls_client_ca", tls_client_ca)) if v is not None}
     try:
         settings = Settings.load(**given)
         provider = provider_from_settings(settings)
@@ -135,27 +136,64 @@ def hl7_mllp(tenant_name: str, host: str, port: int | None, tls_cert: str | None
         raise click.ClickException(
             f"refusing to take HL7 v2 on {host} without mutual TLS: give --tls-cert, --tls-key and --tls-client-ca, "
             "or bind to a loopback address (127.0.0.1, ::1) behind a TLS-terminating proxy")
-    storage = Storage(Database(settings.effective_database_url, settings), provider, cipher_named(settings.cipher),
-                      settings)
-    engine = Engine(load_registry(), storage, settings)
-    intake = Intake(engine)
-    try:
-        next(iter(intake.store.listing(tenant_name, limit=1)), None)
-    except TenantNotFound:
-        raise click.ClickException(f"no tenant {tenant_name!r}") from None
-    workers = min(settings.hl7_mllp_workers, settings.db_pool_size)
-    listener = Listener(intake, tenant_name, _base_url(engine, tenant_name), max_bytes=settings.hl7_max_message_bytes,
-                        idle_seconds=settings.hl7_mllp_idle_seconds, workers=workers,
-                        max_connections=settings.hl7_mllp_max_connections, tls=tls)
 
     def ready(addresses: list[tuple[str, int]]) -> None:
         for h, p in addresses:
             click.echo(f"listening on {h}:{p}" + (" (mutual TLS)" if tls else ""))
 
+    if settings.hl7_mllp_processes == 1:
+        with _listener(settings, provider, tenant_name, tls) as listener:
+            try:
+                asyncio.run(listener.run(host, settings.hl7_mllp_port, ready=ready, signals=True))
+            except OSError as exc:
+                raise click.ClickException(f"cannot listen on {host}:{settings.hl7_mllp_port}: "
+                                           f"{exc.strerror or exc}") from None
+        return
+    with _listener(settings, provider, tenant_name, tls):  # the tenant is there; nothing of it is kept past the fork
+        pass
     try:
-        asyncio.run(listener.run(host, settings.hl7_mllp_port, ready=ready, signals=True))
+        sockets = supervisor.bind(host, settings.hl7_mllp_port)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{settings.hl7_mllp_port}: {exc.strerror or exc}") from None
+
+    def child(channel: Any) -> int:
+        try:
+            with _listener(settings, provider, tenant_name, tls) as listener:
+                asyncio.run(listener.run_handed(channel, signals=True))
+        except TenantNotFound:
+            return 2
+        return 0
+
+    status = supervisor.Supervisor(sockets, settings.hl7_mllp_processes, child,
+                                   max_connections=settings.hl7_mllp_max_connections).run(ready)
+    raise SystemExit(status)
+
+
+@contextlib.contextmanager
+def _listener(settings: Any, provider: Any, tenant_name: str, tls: Any) -> Iterator[Any]:
+    """A listener for the tenant over an engine of its own (its storage released at the end)."""
+    from fhir_server.capability.registry import load_registry
+    from fhir_server.engine.engine import Engine
+    from fhir_server.hl7v2.intake import Intake
+    from fhir_server.hl7v2.listener import Listener
+    from fhir_server.security.crypto import cipher_named
+    from fhir_server.storage.database import Database
+    from fhir_server.storage.store import Storage
+    from fhir_server.storage.tenants import TenantNotFound
+
+    storage = Storage(Database(settings.effective_database_url, settings), provider, cipher_named(settings.cipher),
+                      settings)
+    try:
+        engine = Engine(load_registry(), storage, settings)
+        intake = Intake(engine)
+        try:
+            next(iter(intake.store.listing(tenant_name, limit=1)), None)
+        except TenantNotFound:
+            raise click.ClickException(f"no tenant {tenant_name!r}") from None
+        workers = min(settings.hl7_mllp_workers, settings.db_pool_size)
+        yield Listener(intake, tenant_name, _base_url(engine, tenant_name), max_bytes=settings.hl7_max_message_bytes,
+                       idle_seconds=settings.hl7_mllp_idle_seconds, workers=workers,
+                       max_connections=settings.hl7_mllp_max_connections, tls=tls)
     finally:
         storage.audit_log.stop()
         storage.db.dispose()

@@ -71,6 +71,7 @@ class _SettingsSchema(Schema):
     hl7_mllp_port = mf.Integer(load_default=2575, validate=validate.Range(min=0, max=65535))
     hl7_mllp_idle_seconds = mf.Float(load_default=600.0, validate=validate.Range(min=0.1))
     hl7_mllp_workers = mf.Integer(load_default=4, validate=validate.Range(min=1, max=64))
+    hl7_mllp_processes = mf.Integer(load_default=1, validate=validate.Range(min=1, max=64))
     hl7_mllp_max_connections = mf.Integer(load_default=500, validate=validate.Range(min=1))
     hl7_tls_cert = mf.String(load_default=None, allow_none=True)
     hl7_tls_key = mf.String(load_default=None, allow_none=True)
@@ -137,7 +138,8 @@ class Settings:
     hl7_max_message_bytes: int = 10 * 1024 * 1024  # HL7 v2: the largest message (or batch) taken
     hl7_mllp_port: int = 2575  # HL7 v2 over MLLP: the listener's port
     hl7_mllp_idle_seconds: float = 600.0  # a connection that sends nothing this long is closed
-    hl7_mllp_workers: int = 4  # messages processed at once (each with a database connection), over all connections
+    hl7_mllp_workers: int = 4  # messages processed at once (each with a database connection), per listener process
+    hl7_mllp_processes: int = 1  # listener processes (more than one: an acceptor hands them the connections)
     hl7_mllp_max_connections: int = 500  # connections beyond this are closed as they come
     hl7_tls_cert: str | None = None  # PEM certificate (chain) of the MLLP listener (required off loopback)
     hl7_tls_key: str | None = None  # its PEM private key

@@ -94,13 +94,13 @@ def msa(ack: bytes) -> tuple[str | None, str | None]:
     return segment.value(1), segment.value(2)
 
 
-def start_listener(command: list[str], env: dict[str, str], log: Path, *,
+def start_listener(command: list[str], env: dict[str, str], log: Path, *, processes: int = 1,
                    timeout: float = 120) -> tuple[subprocess.Popen[str], int]:
-    """Run ``command`` (``fhir-server`` as a list) ``hl7 mllp --tenant default --port 0`` with ``env`` until it says
-    where it listens; (the process, its port). Its log goes to ``log``."""
+    """Run ``command`` (``fhir-server`` as a list) ``hl7 mllp --tenant default --port 0 --processes N`` with ``env``
+    until it says where it listens; (the process, its port). Its log goes to ``log``."""
     with open(log, "a") as err:  # the child has its own copy of the descriptor
-        proc = subprocess.Popen([*command, "hl7", "mllp", "--tenant", "default", "--port", "0"], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen([*command, "hl7", "mllp", "--tenant", "default", "--port", "0",
+                                 "--processes", str(processes)], env=env, text=True, stdout=subprocess.PIPE, stderr=err)
     lines: queue.Queue[str] = queue.Queue()
 
     def read() -> None:

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fhir_server.hl7v2 import ack
+from fhir_server.hl7v2 import ack, supervisor
 from fhir_server.hl7v2.er7 import Hl7Error, Location
 from fhir_server.hl7v2.mllp import Deframer, FrameTooLarge, frame
 from fhir_server.security import audit_events as ae
@@ -95,6 +95,8 @@ class Listener:
         self.connections: dict[asyncio.Task[None], _Connection] = {}
         self.closing = False
         self.messages = 0  # frames answered, for the log at shutdown
+        self.on_close: Callable[[], None] | None = None  # a connection has ended (handed connections: tell the acceptor)
+        self.adopting: set[asyncio.Task[None]] = set()  # handed connections in their TLS handshake
 
     async def run(self, host: str, port: int, *, ready: Callable[[list[tuple[str, int]]], None] | None = None,
                   stop: asyncio.Event | None = None, signals: bool = False) -> None:
@@ -116,9 +118,59 @@ class Listener:
         finally:
             await self._shut_down(server)
 
-    async def _shut_down(self, server: asyncio.Server) -> None:
+    async def run_handed(self, channel: socket.socket, *, signals: bool = False) -> None:
+        """Serve the connections that the acceptor (``supervisor.py``) hands over ``channel``, until SIGTERM or
+        SIGINT (with ``signals``) or until the acceptor is gone; each is answered, on closing, by a note to it."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        channel.setblocking(False)
+
+        def closed() -> None:
+            with contextlib.suppress(OSError):
+                channel.send(supervisor.CLOSED)
+
+        def handed() -> None:
+            try:
+                connections = supervisor.received_connections(channel)
+            except EOFError:
+                loop.remove_reader(channel.fileno())
+                stop.set()
+                return
+            for sock in connections:
+                task = loop.create_task(self._adopt(sock, closed))
+                self.adopting.add(task)
+                task.add_done_callback(self.adopting.discard)
+
+        self.on_close = closed
+        loop.add_reader(channel.fileno(), handed)
+        log.info("hl7 mllp listener process ready", extra={"tls": self.tls is not None, "tenant": self.tenant})
+        try:
+            await stop.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(channel.fileno())
+            await self._shut_down(None)
+
+    async def _adopt(self, sock: socket.socket, closed: Callable[[], None]) -> None:
+        """A connection accepted by the acceptor, served as if accepted here (the TLS handshake first)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_SIZE)
+        protocol = asyncio.StreamReaderProtocol(reader, self._serve_connection)
+        try:
+            await loop.connect_accepted_socket(lambda: protocol, sock, ssl=self.tls,
+                                               ssl_handshake_timeout=30 if self.tls else None)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            log.info("hl7 mllp connection ended", extra={"why": type(exc).__name__})
+            sock.close()
+            closed()
+
+    async def _shut_down(self, server: asyncio.Server | None) -> None:
         self.closing = True
-        server.close()
+        if server is not None:
+            server.close()
         for task, conn in list(self.connections.items()):
             if not conn.busy:  # waiting for the sender: nothing in hand
                 task.cancel()
@@ -126,12 +178,20 @@ class Listener:
             await asyncio.wait(list(self.connections), timeout=SHUTDOWN_GRACE_SECONDS)
         for task in list(self.connections):
             task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
         self.pool.shutdown(wait=True)
         log.info("hl7 mllp stopped", extra={"messages": self.messages, "tenant": self.tenant})
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._connection(reader, writer)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername")
