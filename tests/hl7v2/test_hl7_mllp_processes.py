@@ -22,13 +22,22 @@ from testsupport.hl7 import MllpClient, msa, oru, start_listener
 
 
 def _children(proc: subprocess.Popen[str], count: int, timeout: float = 60) -> list[int]:
-    """The listener processes of the acceptor ``proc``, once there are ``count`` of them."""
+    """The listener processes of the acceptor ``proc``, once there are ``count`` of them (read from /proc)."""
     deadline = time.monotonic() + timeout
     while True:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True, check=False)
-        pids = sorted(int(p) for p in out.stdout.split())
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid and fields[0] != "Z":
+                pids.append(int(entry))
         if len(pids) == count or time.monotonic() > deadline:
-            return pids
+            return sorted(pids)
         time.sleep(0.1)
 
 
