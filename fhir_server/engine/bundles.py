@@ -278,7 +278,7 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
                 items.append(_write_item(engine, repo, current))
             current = None
             try:
-                records = repo.write_many(items) if items else []
+                records = repo.write_many(items, locked=states) if items else []  # locked above
             except (VersionConflict, AlreadyExists) as exc:  # naming the entry that failed
                 current = batched[exc.item] if exc.item is not None else None
                 raise

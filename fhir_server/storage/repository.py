@@ -213,17 +213,22 @@ class ResourceRepository:
         """Store a new version of a resource (creating it if needed), with its index rows, and return it."""
         return self.write_many([WriteItem(res_type, res_id, build, method, index, if_match, create_only)])[0]
 
-    def write_many(self, items: list[WriteItem]) -> list[WriteResult]:
+    def write_many(self, items: list[WriteItem], *,
+                   locked: dict[tuple[str, str], CurrentState] | None = None) -> list[WriteResult]:
         """Store a new version of each resource (none named twice), with their index rows.
 
         A few statements for all of them (a transaction Bundle's writes), not a few per resource.
         Every check is made before anything is written: If-Match (VersionConflict) and create-only
-        (AlreadyExists), raised with ``item`` set to the failing item's position.
+        (AlreadyExists), raised with ``item`` set to the failing item's position. ``locked``: what
+        ``lock_rows`` gave this unit of work for (at least) every key of ``items``, so they are not locked again.
         """
         keys = [(i.res_type, i.res_id) for i in items]
-        # Lock the rows that exist (in key order, so concurrent writers of overlapping sets cannot deadlock).
-        # A create-only item of a fresh id is not looked for: inserting it tells.
-        states = self.lock_rows(sorted(k for k, i in zip(keys, items) if not i.create_only))
+        if locked is not None:
+            states = {k: locked[k] for k, i in zip(keys, items) if not i.create_only and k in locked}
+        else:
+            # Lock the rows that exist (in key order, so concurrent writers of overlapping sets cannot deadlock).
+            # A create-only item of a fresh id is not looked for: inserting it tells.
+            states = self.lock_rows(sorted(k for k, i in zip(keys, items) if not i.create_only))
         for n, (key, item) in enumerate(zip(keys, items)):
             if item.if_match is not None:
                 state = states.get(key)
