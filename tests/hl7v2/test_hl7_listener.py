@@ -268,3 +268,59 @@ def test_mutual_tls(engine: Engine, tenant: str, pki: Path) -> None:
     assert events, "the receipt is in the audit log"
     agents = {a.get("who", {}).get("identifier", {}).get("value") for e in events for a in e.get("agent", [])}
     assert "mllp:lab-interface-7" in agents
+
+
+def test_handed_connections_mutual_tls_and_the_acceptor_gone(engine: Engine, tenant: str, pki: Path) -> None:
+    """``run_handed`` (a listener process of ``--processes``): connections passed over the socket pair get the TLS
+    handshake here, each one's end is reported back, and the listener stops when the acceptor's end closes."""
+    from fhir_server.hl7v2 import supervisor
+
+    tls = tls_context(str(pki / "server.crt"), str(pki / "server.key"), str(pki / "ca.crt"))
+    listener = Listener(Intake(engine), tenant, f"http://test/fhir/{tenant}", max_bytes=1024 * 1024, idle_seconds=30.0,
+                        workers=2, max_connections=100, tls=tls)
+    [listening_socket] = supervisor.bind("127.0.0.1", 0)
+    listening_socket.setblocking(True)
+    port = listening_socket.getsockname()[1]
+    acceptor_end, listener_end = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            loop.run_until_complete(listener.run_handed(listener_end))
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            failed.append(exc)
+
+    def accept(n: int) -> None:
+        for _ in range(n):
+            conn, _ = listening_socket.accept()
+            with conn:
+                socket.send_fds(acceptor_end, [b"n"], [conn.fileno()])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    acceptor = threading.Thread(target=accept, args=(3,), daemon=True)
+    acceptor.start()
+    try:
+        with MllpClient("localhost", port, tls=_client_tls(pki, "lab")) as c:
+            assert msa(c.exchange(oru(8))) == ("AA", "BENCH000000008")
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)), \
+                MllpClient("localhost", port, tls=_client_tls(pki, "stranger")) as c:
+            c.exchange(oru(9))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:  # no TLS at all
+            plain.sendall(mllp.frame(oru(9)))
+            with contextlib.suppress(ConnectionError):
+                assert b"MSA" not in plain.recv(65536)
+        acceptor.join(30)
+        acceptor_end.settimeout(30)
+        notes = b""
+        while notes.count(supervisor.CLOSED) < 3:  # every connection handed over was reported closed
+            notes += acceptor_end.recv(64)
+        assert notes == supervisor.CLOSED * 3
+    finally:
+        acceptor_end.close()  # the acceptor gone: the listener process stops
+        listening_socket.close()
+        thread.join(60)
+        loop.close()
+    assert not thread.is_alive() and not failed, failed
+    assert count(engine, tenant, "DiagnosticReport") == 1
