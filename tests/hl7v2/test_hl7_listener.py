@@ -182,7 +182,7 @@ def test_a_server_failure_is_ar_and_the_message_is_taken_up_when_sent_again(engi
             raise ConnectionResetError("the database went away")
         return real(*args, **kwargs)
 
-    intake._process = failing_once  # type: ignore[method-assign,assignment]
+    intake._process = failing_once  # type: ignore[method-assign]
     with listening(engine, tenant, intake=intake) as listener, client(listener) as c:
         first = c.exchange(oru(7))
         assert msa(first) == ("AR", "BENCH000000007")
