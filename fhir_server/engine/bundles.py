@@ -75,7 +75,8 @@ class Entry:
     if_none_match: str | None
     if_modified_since: str | None
     version: int | None = None  # ifMatch, parsed
-    criteria: list[tuple[str, str]] = field(default_factory=list)  # the conditional criteria it searches
+    # the conditional criteria it searches: (type, query, permission: c, u, d, or s for a conditional reference)
+    criteria: list[tuple[str, str, str]] = field(default_factory=list)
     patch: tuple[Any, str] | None = None  # a PATCH entry's document and its media type
     target: str | None = None  # "Type/id" once resolved
     deletes: list[str] = field(default_factory=list)  # a (conditional) DELETE's targets
@@ -256,8 +257,10 @@ def _transaction(engine: Engine, req: FhirRequest, entries: list[Entry]) -> Fhir
             _check(engine, current, names)
         current = None
         with storage_errors(req.tenant), engine.storage.session(req.tenant, write=True, exclusive=exclusive) as repo:
-            conditional.lock_all_criteria(repo, [c for e in writes for c in e.criteria])
-            mapping = Identities(found=conditional.matches_many(engine, repo, _searches(writes), req.access))
+            conditional.lock_all_criteria(repo, [(rtype, query) for e in writes for rtype, query, _ in e.criteria])
+            # every search up front but conditional deletes' (whose limits are their own)
+            searches = [c for e in writes for c in e.criteria if c[2] != "d"]
+            mapping = Identities(found=conditional.matches_many(engine, repo, searches, req.access))
             for current in writes:
                 _resolve_identity(engine, repo, current, mapping, req.access)
             current = None
@@ -379,33 +382,19 @@ class Identities:
         return known if known is not None else conditional.matches(engine, repo, rtype, query, access, permission)
 
 
-def _searches(writes: list[Entry]) -> list[tuple[str, str, str]]:
-    """The conditional searches the entries will make (type, query, permission), but those of conditional deletes
-    (whose limits are their own)."""
-    out = []
-    for e in writes:
-        if e.method == "POST" and e.if_none_exist:
-            out.append((e.rtype, conditional._criteria(e.if_none_exist, e.rtype), "c"))
-        elif e.method in ("PUT", "PATCH") and len(e.path) == 1:
-            out.append((e.rtype, e.query, "u"))
-        source = e.patch[0] if e.patch is not None else e.resource if e.method in ("POST", "PUT") else None
-        if source is not None:
-            out.extend((rtype, query, "s") for rtype, _, query in (r.partition("?") for r in _conditional_references(source)))
-    return out
-
-
-def _criteria_of(e: Entry) -> list[tuple[str, str]]:
-    """The conditional criteria an entry searches (its own, and its resource's conditional references)."""
+def _criteria_of(e: Entry) -> list[tuple[str, str, str]]:
+    """The conditional criteria an entry searches (its own, and its resource's conditional references), each with
+    the permission it searches for."""
     out = []
     if e.method == "POST" and e.if_none_exist:
-        out.append((e.rtype, conditional._criteria(e.if_none_exist, e.rtype)))
+        out.append((e.rtype, conditional._criteria(e.if_none_exist, e.rtype), "c"))
     elif e.method in ("PUT", "DELETE", "PATCH") and len(e.path) == 1:
-        out.append((e.rtype, e.query))
+        out.append((e.rtype, e.query, "d" if e.method == "DELETE" else "u"))
     source = e.patch[0] if e.patch is not None else e.resource if e.method in ("POST", "PUT") else None
     if source is not None:
         for ref in _conditional_references(source):
             rtype, _, query = ref.partition("?")
-            out.append((rtype, query))
+            out.append((rtype, query, "s"))
     return out
 
 
