@@ -149,8 +149,7 @@ def hl7_mllp(tenant_name: str, host: str, port: int | None, processes: int | Non
                 raise click.ClickException(f"cannot listen on {host}:{settings.hl7_mllp_port}: "
                                            f"{exc.strerror or exc}") from None
         return
-    with _listener(settings, provider, tenant_name, tls):  # the tenant is there; nothing of it is kept past the fork
-        pass
+    _storage_with_tenant(settings, provider, tenant_name).db.dispose()  # checked, and closed before the fork
     try:
         sockets = supervisor.bind(host, settings.hl7_mllp_port)
     except OSError as exc:
@@ -169,13 +168,9 @@ def hl7_mllp(tenant_name: str, host: str, port: int | None, processes: int | Non
     raise SystemExit(status)
 
 
-@contextlib.contextmanager
-def _listener(settings: Any, provider: Any, tenant_name: str, tls: Any) -> Iterator[Any]:
-    """A listener for the tenant over an engine of its own (its storage released at the end)."""
-    from fhir_server.capability.registry import load_registry
-    from fhir_server.engine.engine import Engine
-    from fhir_server.hl7v2.intake import Intake
-    from fhir_server.hl7v2.listener import Listener
+def _storage_with_tenant(settings: Any, provider: Any, tenant_name: str) -> Any:
+    """A storage over the settings' database; a click error when it has no tenant ``tenant_name``."""
+    from fhir_server.hl7v2.store import MessageStore
     from fhir_server.security.crypto import cipher_named
     from fhir_server.storage.database import Database
     from fhir_server.storage.store import Storage
@@ -184,16 +179,28 @@ def _listener(settings: Any, provider: Any, tenant_name: str, tls: Any) -> Itera
     storage = Storage(Database(settings.effective_database_url, settings), provider, cipher_named(settings.cipher),
                       settings)
     try:
+        next(iter(MessageStore(storage).listing(tenant_name, limit=1)), None)
+    except TenantNotFound:
+        storage.db.dispose()
+        raise click.ClickException(f"no tenant {tenant_name!r}") from None
+    return storage
+
+
+@contextlib.contextmanager
+def _listener(settings: Any, provider: Any, tenant_name: str, tls: Any) -> Iterator[Any]:
+    """A listener for the tenant over an engine of its own (its storage released at the end)."""
+    from fhir_server.capability.registry import load_registry
+    from fhir_server.engine.engine import Engine
+    from fhir_server.hl7v2.intake import Intake
+    from fhir_server.hl7v2.listener import Listener
+
+    storage = _storage_with_tenant(settings, provider, tenant_name)
+    try:
         engine = Engine(load_registry(), storage, settings)
-        intake = Intake(engine)
-        try:
-            next(iter(intake.store.listing(tenant_name, limit=1)), None)
-        except TenantNotFound:
-            raise click.ClickException(f"no tenant {tenant_name!r}") from None
         workers = min(settings.hl7_mllp_workers, settings.db_pool_size)
-        yield Listener(intake, tenant_name, _base_url(engine, tenant_name), max_bytes=settings.hl7_max_message_bytes,
-                       idle_seconds=settings.hl7_mllp_idle_seconds, workers=workers,
-                       max_connections=settings.hl7_mllp_max_connections, tls=tls)
+        yield Listener(Intake(engine), tenant_name, _base_url(engine, tenant_name),
+                       max_bytes=settings.hl7_max_message_bytes, idle_seconds=settings.hl7_mllp_idle_seconds,
+                       workers=workers, max_connections=settings.hl7_mllp_max_connections, tls=tls)
     finally:
         storage.audit_log.stop()
         storage.db.dispose()
