@@ -104,8 +104,7 @@ class Listener:
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+            _stop_on_signals(loop, stop)
         server = await asyncio.start_server(self._serve_connection, host, port, ssl=self.tls, limit=READ_SIZE,
                                             ssl_handshake_timeout=30 if self.tls else None, backlog=1024)
         bound = [s.getsockname()[:2] for s in server.sockets]
@@ -124,8 +123,7 @@ class Listener:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
+            _stop_on_signals(loop, stop)
         channel.setblocking(False)
 
         def closed() -> None:
@@ -261,6 +259,11 @@ class Listener:
             return ack.encode(ack.build(original, ack.REJECT, (error,)), original)
         finally:
             ae.set_origin(None)
+
+
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
