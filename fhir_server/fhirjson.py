@@ -154,6 +154,12 @@ def dumps(value: Any, *, pretty: bool = False) -> bytes:
     return orjson.dumps(value, default=_default)
 
 
+def canonical(value: Any) -> bytes:
+    """``value`` serialised with every object's keys sorted: the same bytes for the same content, whatever the
+    order its properties came in (which JSON, and FHIR, give no meaning)."""
+    return orjson.dumps(value, default=_default, option=orjson.OPT_SORT_KEYS)
+
+
 def loads_stored(data: bytes) -> Any:
     """Parse a body this server wrote (trusted, already validated), keeping decimals exact."""
     return json.loads(data, parse_float=Decimal, parse_int=_parse_int)

@@ -34,7 +34,7 @@ from fhir_server.capability.validation import validate_resource
 from fhir_server.clock import instant, now_us, parse_http_date
 from fhir_server.engine import auditing, authorization, conditional, custom_params
 from fhir_server.engine.request import RETURN_MINIMAL, RETURN_OUTCOME, RETURN_REPRESENTATION, FhirRequest, FhirResponse
-from fhir_server.engine.resources import check_id, parse_etag, remove, stamp, write_in
+from fhir_server.engine.resources import check_id, content, parse_etag, remove, stamp, write_in
 from fhir_server.engine.storage_errors import storage_errors
 from fhir_server.errors import BadRequest, FhirError, Issue, NotFound, PayloadTooLarge, PreconditionFailed, operation_outcome
 from fhir_server.fhirjson import RawJson
@@ -626,7 +626,7 @@ def _write_item(engine: Engine, repo: ResourceRepository, e: Entry) -> WriteItem
         body["id"] = rid
     index = engine.contexts.for_repo(repo).extractor.extract(body, local_path=f"/fhir/{repo.tenant.name}/")
     return WriteItem(e.rtype, rid, lambda version, last_updated: stamp(body, rid, version, last_updated), e.method,
-                     index, e.version, create_only=e.method == "POST")
+                     index, e.version, create_only=e.method == "POST", content=content(body))
 
 
 def _delete(engine: Engine, repo: ResourceRepository, e: Entry, access: AccessContext) -> list[int]:

@@ -66,6 +66,16 @@ def stamp(resource: dict[str, Any], rid: str, version: int, last_updated: int) -
     return fhirjson.dumps(out)
 
 
+def content(resource: dict[str, Any]) -> bytes:
+    """What an update compares to tell that it changes nothing: the resource without its id, meta.versionId and
+    meta.lastUpdated (the server's), canonically serialised."""
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    out = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+    if meta:
+        out["meta"] = meta
+    return fhirjson.canonical(out)
+
+
 def validated_body(engine: Engine, req: FhirRequest, rtype: str) -> tuple[dict[str, Any], list[Issue]]:
     body = req.body
     if body is None:
@@ -200,6 +210,8 @@ def update_response(engine: Engine, req: FhirRequest, result: WriteResult, warni
     if result.created:
         headers["Location"] = headers["Content-Location"]
         return write_response(req, rec, 201, headers, warnings, f"Created {name}")
+    if not result.changed:
+        return write_response(req, rec, 200, headers, warnings, f"{name} is unchanged: the content is its version {rec.version}'s")
     return write_response(req, rec, 200, headers, warnings, f"Updated {name} to version {rec.version}")
 
 
@@ -256,7 +268,7 @@ def write_in(engine: Engine, repo: ResourceRepository, rtype: str, rid: str, bod
         if previous is not None and previous.body is not None:
             old = json.loads(previous.body)
     result = repo.write(rtype, rid, lambda v, lu: stamp(body, rid, v, lu), method=method, index=index,
-                        if_match=if_match, create_only=create_only)
+                        if_match=if_match, create_only=create_only, content=content(body))
     auditing.note_record(engine, result.record, body)
     authorization.check_writable(engine, repo, access, permission, rtype, rid)
     job = custom_params.after_write(engine, repo, rid, old, definition) if rtype == "SearchParameter" else None

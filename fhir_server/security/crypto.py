@@ -36,6 +36,7 @@ KEY_BYTES = 32
 # Bump only with a migration that recomputes every index row: stored hashes depend on it.
 BLIND_INDEX_VERSION = 1
 BLIND_INDEX_BYTES = 16
+CONTENT_KEY = "\x00content"  # the content digest's key name: no search parameter's code starts with NUL
 
 
 class IntegrityError(Exception):
@@ -148,6 +149,15 @@ class TenantKeys:
             if len(self._param_keys) < 100_000:
                 self._param_keys[(resource_type, key_name)] = pk
         return blind_index(pk, material)
+
+    def content_digest(self, resource_type: str, resource_id: str, content: bytes) -> bytes:
+        """A keyed digest of one resource's content (16 bytes): the same for its versions of equal content. Nothing
+        is learnt of the content without the tenant's index key, nor that two resources have the same content (the
+        id is hashed with it)."""
+        pk = self._param_keys.get((resource_type, CONTENT_KEY))
+        if pk is None:
+            pk = self._param_keys[(resource_type, CONTENT_KEY)] = derive_param_key(self.index_key, resource_type, CONTENT_KEY)
+        return hmac.digest(pk, resource_id.encode() + b"\x00" + content, "sha256")[:BLIND_INDEX_BYTES]
 
 
 class Sealer:

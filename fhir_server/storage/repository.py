@@ -58,6 +58,7 @@ class VersionRecord:
 class WriteResult:
     record: VersionRecord
     created: bool  # the resource did not exist (or was deleted) before this write
+    changed: bool = True  # False: an update with the current version's content, which wrote nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ class CurrentState:
     last_updated: int
     deleted: bool
     index_mask: int = 0
+    digest: bytes | None = None  # of the current content (``content_digest``); None when not known
 
 
 # Position of a history entry in its descending order: (last_updated, type, id, version).
@@ -99,10 +101,11 @@ class WriteItem:
     index: IndexEntries | None = None
     if_match: int | None = None
     create_only: bool = False
+    content: bytes | None = None  # what makes two versions the same (engine/resources.py ``content``); None: unknown
 
 # The hot statements, built once (bound parameters; SQLAlchemy caches their compiled form).
 _OWNER = and_(R.c.tenant_id == bindparam("tid"), R.c.res_type == bindparam("rt"), R.c.res_id == bindparam("rid"))
-_CURRENT = select(R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask).where(_OWNER)
+_CURRENT = select(R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask, R.c.content_digest).where(_OWNER)
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _READ = (
     select(V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_version, V.c.body)
@@ -118,14 +121,19 @@ _VREAD = select(V.c.version, V.c.last_updated, V.c.deleted, V.c.method, V.c.key_
 _UPDATE_CURRENT = (
     update(R)
     .where(_OWNER)
-    .values(version=bindparam("v"), last_updated=bindparam("lu"), deleted=bindparam("del"), index_mask=bindparam("mask"))
+    .values(version=bindparam("v"), last_updated=bindparam("lu"), deleted=bindparam("del"), index_mask=bindparam("mask"),
+            content_digest=bindparam("dg"))
 )
 _INSERT_VERSION = insert(V)
 _PG_LOCK_MANY = text(
-    "SELECT r.res_type, r.res_id, r.version, r.last_updated, r.deleted, r.index_mask FROM resources AS r "
+    "SELECT r.res_type, r.res_id, r.version, r.last_updated, r.deleted, r.index_mask, r.content_digest FROM resources AS r "
     "JOIN unnest(CAST(:rts AS text[]), CAST(:rids AS text[])) AS k(rt, rid) ON r.res_type = k.rt AND r.res_id = k.rid "
     "WHERE r.tenant_id = :tid ORDER BY r.res_type, r.res_id FOR UPDATE OF r"
 )
+
+
+def _state(row: Any) -> CurrentState:
+    return CurrentState(row.version, row.last_updated, row.deleted, row.index_mask, row.content_digest)
 
 
 class ResourceRepository:
@@ -147,7 +155,7 @@ class ResourceRepository:
     def current_state(self, res_type: str, res_id: str, *, lock: bool = False) -> CurrentState | None:
         stmt = _CURRENT_FOR_UPDATE if lock else _CURRENT
         row = self.conn.execute(stmt, {"tid": self._tid, "rt": res_type, "rid": res_id}).first()
-        return None if row is None else CurrentState(row.version, row.last_updated, row.deleted, row.index_mask)
+        return None if row is None else _state(row)
 
     def read(self, res_type: str, res_id: str) -> VersionRecord | None:
         """The current version (a deletion record if deleted), or None if it never existed."""
@@ -209,9 +217,10 @@ class ResourceRepository:
         index: IndexEntries | None = None,
         if_match: int | None = None,
         create_only: bool = False,
+        content: bytes | None = None,
     ) -> WriteResult:
         """Store a new version of a resource (creating it if needed), with its index rows, and return it."""
-        return self.write_many([WriteItem(res_type, res_id, build, method, index, if_match, create_only)])[0]
+        return self.write_many([WriteItem(res_type, res_id, build, method, index, if_match, create_only, content)])[0]
 
     def write_many(self, items: list[WriteItem], *,
                    locked: dict[tuple[str, str], CurrentState] | None = None) -> list[WriteResult]:
@@ -221,6 +230,10 @@ class ResourceRepository:
         Every check is made before anything is written: If-Match (VersionConflict) and create-only
         (AlreadyExists), raised with ``item`` set to the failing item's position. ``locked``: what
         ``lock_rows`` gave this unit of work for (at least) every key of ``items``, so they are not locked again.
+
+        An update whose content is the current version's (all but meta.versionId and meta.lastUpdated, compared
+        by keyed digest) writes nothing: its result is the current version, ``changed`` False. A repeated
+        message or a client re-sending what it sent makes no new version, no new index rows, no history.
         """
         keys = [(i.res_type, i.res_id) for i in items]
         if locked is not None:
@@ -235,12 +248,14 @@ class ResourceRepository:
                 if state is None or state.version != item.if_match:
                     raise VersionConflict(state.version if state else None, item=n)
         masks = [i.index.mask() if i.index is not None else 0 for i in items]
+        blind = self.sealer.keys
+        digests = [None if i.content is None else blind.content_digest(i.res_type, i.res_id, i.content) for i in items]
         now = now_us()
         pending = [n for n, key in enumerate(keys) if key not in states]
         for _ in range(5):
             if not pending:
                 break
-            inserted = self._insert_current_many([(keys[n], masks[n]) for n in pending], now)
+            inserted = self._insert_current_many([(keys[n], masks[n], digests[n]) for n in pending], now)
             lost = [n for n in pending if keys[n] not in inserted]
             for n in lost:
                 if items[n].create_only:
@@ -261,12 +276,17 @@ class ResourceRepository:
             state = states.get((res_type, res_id))
             if state is None:  # inserted just now
                 version, last_updated, created, old_mask = 1, now, True, 0
+            elif not state.deleted and digests[n] is not None and state.digest == digests[n]:  # the same content
+                body = item.build(state.version, state.last_updated)
+                record = VersionRecord(res_type, res_id, state.version, state.last_updated, False, item.method, body)
+                results.append(WriteResult(record, False, changed=False))
+                continue
             else:
                 version = state.version + 1
                 last_updated = max(now, state.last_updated + 1)  # never earlier than the version before
                 created, old_mask = state.deleted, state.index_mask
                 updates.append({"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated,
-                                 "del": False, "mask": masks[n]})
+                                 "del": False, "mask": masks[n], "dg": digests[n]})
             body = item.build(version, last_updated)
             versions.append((res_type, res_id, version, last_updated, item.method, body))
             if item.index is not None:
@@ -276,7 +296,8 @@ class ResourceRepository:
             results.append(WriteResult(VersionRecord(res_type, res_id, version, last_updated, False, item.method, body), created))
         if updates:
             self.conn.execute(_UPDATE_CURRENT, updates if len(updates) > 1 else updates[0])
-        self._insert_versions(versions)
+        if versions:
+            self._insert_versions(versions)
         if index_items:
             indexing.write_many(self.conn, self.sealer.keys, index_items)
         if unindexed:
@@ -296,7 +317,8 @@ class ResourceRepository:
         last_updated = max(now_us(), state.last_updated + 1)
         self.conn.execute(
             _UPDATE_CURRENT,
-            {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated, "del": True, "mask": 0},
+            {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version, "lu": last_updated, "del": True, "mask": 0,
+             "dg": None},
         )
         self._insert_versions([(res_type, res_id, version, last_updated, "DELETE", None)])
         indexing.remove(self.conn, self._tid, res_type, res_id, state.index_mask)
@@ -317,19 +339,22 @@ class ResourceRepository:
                 row
                 for chunk in range(0, len(keys), 400)
                 for row in self.conn.execute(
-                    select(R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask).where(
+                    select(R.c.res_type, R.c.res_id, R.c.version, R.c.last_updated, R.c.deleted, R.c.index_mask,
+                           R.c.content_digest).where(
                         R.c.tenant_id == self._tid, tuple_(R.c.res_type, R.c.res_id).in_(keys[chunk : chunk + 400])
                     )
                 )
             )
-        return {(r.res_type, r.res_id): CurrentState(r.version, r.last_updated, r.deleted, r.index_mask) for r in rows}
+        return {(r.res_type, r.res_id): _state(r) for r in rows}
 
-    def _insert_current_many(self, rows: list[tuple[tuple[str, str], int]], now: int) -> set[tuple[str, str]]:
-        """Insert the rows of new resources ((type, id), index mask); the keys that were inserted (not already there)."""
+    def _insert_current_many(self, rows: list[tuple[tuple[str, str], int, bytes | None]], now: int) -> set[tuple[str, str]]:
+        """Insert the rows of new resources ((type, id), index mask, content digest); the keys that were inserted
+        (not already there)."""
         dialect_insert = postgresql.insert if self._postgres else sqlite.insert
         values = [
-            dict(tenant_id=self._tid, res_type=rt, res_id=rid, version=1, last_updated=now, deleted=False, index_mask=mask)
-            for (rt, rid), mask in sorted(rows)
+            dict(tenant_id=self._tid, res_type=rt, res_id=rid, version=1, last_updated=now, deleted=False, index_mask=mask,
+                 content_digest=digest)
+            for (rt, rid), mask, digest in sorted(rows)
         ]
         stmt = dialect_insert(R).on_conflict_do_nothing().returning(R.c.res_type, R.c.res_id)
         if len(values) == 1:

@@ -70,6 +70,9 @@ resources = Table(
     # Which index tables hold this resource's rows (search/extract.py MASK_*), so a rewrite
     # deletes only where there is something to delete.
     Column("index_mask", SmallInteger, nullable=False, server_default="0"),
+    # A keyed digest of the current version's content (all but meta.versionId and meta.lastUpdated), so an
+    # update with the same content is recognised without reading the body; NULL when not known.
+    Column("content_digest", LargeBinary(16), nullable=True),
     PrimaryKeyConstraint("tenant_id", "res_type", "res_id", name="pk_resources"),
     Index("ix_resources_type_updated", "tenant_id", "res_type", "last_updated"),
 )

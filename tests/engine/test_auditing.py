@@ -68,7 +68,10 @@ CASES: list[tuple[str, str, str, Any, dict[str, Any], tuple[str, str], list[str]
     ("GET", "Patient/p2/_history/1", "vread", None, {}, ("R", "PatientRead"), ["Patient/p2/_history/1"], ["p2"]),
     ("POST", "Observation", "create", {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
                                          "subject": {"reference": "Patient/p2"}}, {}, ("C", "PatientCreate"), ["Observation/"], ["p2"]),
-    ("PUT", "Observation/o1", "update", observation("o1", "p1"), {}, ("U", "PatientUpdate"), ["Observation/o1/_history/2"], ["p1"]),
+    ("PUT", "Observation/o1", "update", {**observation("o1", "p1"), "status": "amended"}, {}, ("U", "PatientUpdate"),
+     ["Observation/o1/_history/2"], ["p1"]),
+    # The same content again: no new version, still an update (of the current version) in the log
+    ("PUT", "Observation/o1", "update", observation("o1", "p1"), {}, ("U", "PatientUpdate"), ["Observation/o1/_history/1"], ["p1"]),
     ("PATCH", "Patient/p1", "patch", [{"op": "add", "path": "/active", "value": True}],
      {"content_type": "application/json-patch+json"}, ("U", "PatientUpdate"), ["Patient/p1/_history/2"], ["p1"]),
     ("DELETE", "Observation/o2", "delete", None, {}, ("D", "PatientDelete"), ["Observation/o2/_history/2"], ["p2"]),

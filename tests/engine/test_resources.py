@@ -39,9 +39,53 @@ def test_update_versions_and_create_on_update(engine: Engine, tenant: str) -> No
 
 def test_last_updated_increases_with_each_version(engine: Engine, tenant: str) -> None:
     stamps = []
-    for _ in range(3):
-        stamps.append(resource(call(engine, tenant, "PUT", "Patient/t", patient("t")))["meta"]["lastUpdated"])
+    for n in range(3):
+        stamps.append(resource(call(engine, tenant, "PUT", "Patient/t", patient("t", f"Doe{n}")))["meta"]["lastUpdated"])
     assert stamps == sorted(stamps) and len(set(stamps)) == 3
+
+
+def test_an_update_that_changes_nothing_writes_nothing(engine: Engine, tenant: str) -> None:
+    first = resource(call(engine, tenant, "PUT", "Patient/same", patient("same")))
+    # The same content with the properties in another order and the client's own versionId and lastUpdated
+    again_body = {"name": [{"family": "Doe"}], "id": "same", "resourceType": "Patient",
+                  "meta": {"versionId": "7", "lastUpdated": "2001-01-01T00:00:00Z"}}
+    again = call(engine, tenant, "PUT", "Patient/same", again_body)
+    assert again.status == 200 and again.headers["ETag"] == 'W/"1"'
+    assert resource(again) == first  # the current version, lastUpdated included
+    assert "unchanged" in str(resource(call(engine, tenant, "PUT", "Patient/same", patient("same"), prefer_return="OperationOutcome")))
+    history = resource(call(engine, tenant, "GET", "Patient/same/_history"))
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["1"]
+    # If-Match is still checked, against the current version
+    with pytest.raises(PreconditionFailed):
+        call(engine, tenant, "PUT", "Patient/same", patient("same"), if_match='W/"2"')
+    assert call(engine, tenant, "PUT", "Patient/same", patient("same"), if_match='W/"1"').headers["ETag"] == 'W/"1"'
+    # meta is content (but for the server's versionId and lastUpdated): a tag makes a version
+    tagged = {**patient("same"), "meta": {"tag": [{"system": "urn:t", "code": "x"}]}}
+    assert call(engine, tenant, "PUT", "Patient/same", tagged).headers["ETag"] == 'W/"2"'
+    assert call(engine, tenant, "PUT", "Patient/same", tagged).headers["ETag"] == 'W/"2"'
+    # A decimal's precision is content too: 1.50 is not 1.5
+    obs = {"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"},
+           "valueQuantity": {"value": fhirjson.loads_stored(b"1.50")}}
+    assert call(engine, tenant, "PUT", "Observation/o", obs).headers["ETag"] == 'W/"1"'
+    obs["valueQuantity"] = {"value": fhirjson.loads_stored(b"1.5")}
+    assert call(engine, tenant, "PUT", "Observation/o", obs).headers["ETag"] == 'W/"2"'
+    # A deleted resource written again with its last content is restored: a version of its own
+    call(engine, tenant, "DELETE", "Patient/same")
+    restored = call(engine, tenant, "PUT", "Patient/same", tagged)
+    assert restored.status == 201 and restored.headers["ETag"] == 'W/"4"'
+    # In a transaction: the entry answers 200 with the current version, and the index still finds it
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": tagged, "request": {"method": "PUT", "url": "Patient/same"}},
+        {"resource": patient(None, "Roe"), "request": {"method": "PUT", "url": "Patient?family=Roe"}},
+    ]}
+    out = resource(call(engine, tenant, "POST", "", bundle))
+    assert [e["response"]["status"] for e in out["entry"]] == ["200 OK", "201 Created"]
+    assert out["entry"][0]["response"]["etag"] == 'W/"4"'
+    out = resource(call(engine, tenant, "POST", "", bundle))
+    assert [e["response"]["status"] for e in out["entry"]] == ["200 OK", "200 OK"]
+    assert out["entry"][1]["response"]["etag"] == 'W/"1"'
+    found = resource(call(engine, tenant, "GET", "Patient", params=(("family", "Doe"), ("_tag", "urn:t|x"))))
+    assert [e["resource"]["id"] for e in found["entry"]] == ["same"]
 
 
 def test_if_match(engine: Engine, tenant: str) -> None:
@@ -49,7 +93,7 @@ def test_if_match(engine: Engine, tenant: str) -> None:
     with pytest.raises(PreconditionFailed) as info:
         call(engine, tenant, "PUT", "Patient/m", patient("m"), if_match='W/"7"')
     assert info.value.headers["ETag"] == 'W/"1"'
-    ok = call(engine, tenant, "PUT", "Patient/m", patient("m"), if_match='W/"1"')
+    ok = call(engine, tenant, "PUT", "Patient/m", patient("m", "Roe"), if_match='W/"1"')
     assert ok.headers["ETag"] == 'W/"2"'
     with pytest.raises(PreconditionFailed):
         call(engine, tenant, "PUT", "Patient/new", patient("new"), if_match='W/"1"')

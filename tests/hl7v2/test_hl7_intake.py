@@ -138,6 +138,22 @@ def test_a_repeated_message_changes_nothing(engine: Engine, tenant: str) -> None
     assert {o["id"]: o["meta"]["versionId"] for o in search(engine, tenant, "Observation")} == versions
 
 
+def test_the_same_results_sent_again_under_a_new_control_id_make_no_new_versions(engine: Engine, tenant: str) -> None:
+    """Not a duplicate (another MSH-10): processed again, but every resource it maps to has the content it has."""
+    data = sample("ms__ORU-R01-01.hl7")
+    assert receive(engine, tenant, data).outcomes[0].code == "AA"
+    kinds = ("Patient", "Observation", "DiagnosticReport", "ServiceRequest")
+    versions = {t: {r["id"]: r["meta"]["versionId"] for r in search(engine, tenant, t)} for t in kinds}
+    control = er7.parse(data).control_id
+    assert control
+    resent = data.replace(f"|{control}|".encode(), f"|{control}-resent|".encode(), 1)
+    answer = receive(engine, tenant, resent)
+    assert answer.outcomes[0].code == "AA" and not answer.outcomes[0].duplicate
+    assert {t: {r["id"]: r["meta"]["versionId"] for r in search(engine, tenant, t)} for t in kinds} == versions
+    assert all(v == "1" for by_id in versions.values() for v in by_id.values())
+    assert len(search(engine, tenant, "Provenance")) == 2  # each message its own record of what was received
+
+
 def test_a40_merges_the_prior_patient_into_the_survivor(engine: Engine, tenant: str) -> None:
     receive(engine, tenant, ADMIT.format(event="A01", control="m1", family="Old", discharge=""))
     [prior] = search(engine, tenant, "Patient")
