@@ -4,7 +4,8 @@
 the FHIR server; senders on ``connections`` connections each send a message and wait for its ACK before the next
 (HL7 original mode), for ``seconds``. Every message has a control id and order numbers of its own and is for one of
 100 patients, so each one is a transaction of a DiagnosticReport, 10 Observations, a ServiceRequest, a Provenance
-and the patient's conditional create. Figures: messages per second, ACK latency (p50, p99), and how many were not AA.
+and the patient's conditional update (the same content after its first message: no new version). Figures: messages
+per second, ACK latency (p50, p99), and how many were not AA.
 """
 
 from __future__ import annotations

@@ -172,7 +172,8 @@ def _sort_column(params: ParameterSource, key: SortKey, types: tuple[str, ...]) 
         return SortColumn(R.c.res_id, key.descending, "str")
     if p.special == "_lastUpdated":
         return SortColumn(R.c.last_updated, key.descending, "int")
-    keys = [q.key for t in types if (q := params.get(t, p.code)) is not None]
+    # A union parameter (combo-value-quantity) sorts by its parts' rows: it has none of its own
+    keys = [k.key for t in types if (q := params.get(t, p.code)) is not None for k in (q.union_of or (q,))]
     table = {"date": schema.idx_date, "number": schema.idx_number, "quantity": schema.idx_quantity, "reference": schema.idx_reference}[p.type]
     owner = [table.c.tenant_id == R.c.tenant_id, table.c.res_type == R.c.res_type, table.c.res_id == R.c.res_id, table.c.param_key.in_(keys)]
     if p.type == "reference":

@@ -10,6 +10,7 @@ also yields a *confirmation* that the executor checks on the decrypted resource.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 import re
 from urllib.parse import urlsplit
@@ -196,12 +197,39 @@ class Compiler:
                 return
             out.conditions.append(or_(*(self._range_condition(self._r.c.last_updated, self._r.c.last_updated, v, "date") for v in c.values)))
             return
+        if p.union_of:
+            self._union(out, c, rtype)
+            return
         table = {"string": H, "token": H, "uri": H, "date": D, "number": N, "quantity": Q, "reference": REF, "composite": H}[p.type]
         if c.missing is not None:
             has = self._r.c.res_id.in_(self._sub(table, rtype, [table.c.param_key == p.key]))
             out.conditions.append(not_(has) if c.missing else has)
             return
         getattr(self, f"_{p.type}")(out, c, rtype)
+
+    def _union(self, out: Compiled, c: Criterion, rtype: str) -> None:
+        """A parameter with no rows of its own (``SearchParam.union_of``): the criterion on each of its parts, OR-ed.
+
+        ``:missing=true`` holds when it holds of every part, ``:not`` when no part matches. A long string prefix
+        (``:text``) is confirmed on the body against any part, as the union's own expression would be.
+        """
+        negate = c.modifier == "not"
+        positive = dataclasses.replace(c, modifier=None) if negate else c
+        parts = []
+        for q in c.param.union_of:
+            part = Compiled()
+            self._criterion(part, dataclasses.replace(positive, param=q), rtype)
+            parts.append(part)
+        if c.missing is True:
+            out.conditions.append(and_(*(cond for part in parts for cond in part.conditions)))
+            return
+        cond = or_(*(and_(*part.conditions) for part in parts))
+        out.conditions.append(not_(cond) if negate else cond)
+        checks = [part.confirmations for part in parts if part.confirmations]
+        if checks:
+            # Confirmations come from the values (a prefix longer than the index holds), so every part has them
+            assert len(checks) == len(parts) and not negate
+            out.confirmations.append(lambda res: any(all(check(res) for check in part) for part in checks))
 
     def _sub(self, table: Any, rtype: str, where: list[ColumnElement[bool]]) -> Select[Any]:
         return select(table.c.res_id).where(table.c.tenant_id == self.tid, table.c.res_type == rtype, *where)

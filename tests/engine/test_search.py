@@ -443,3 +443,63 @@ def test_composite_parameters(engine: Engine, tenant: str) -> None:
     assert found(engine, t, "Observation", "code-value-date=21112-8$gt1990") == set()
     with pytest.raises(BadRequest):
         search(engine, t, "Observation", "code-value-quantity=2339-0")
+
+
+def test_combo_parameters_search_their_parts(engine: Engine, tenant: str) -> None:
+    """Observation's combo-* parameters have no index rows of their own: each is the OR of its parts (code and
+    component-code, and so on), with every modifier, prefix, composite and sort meaning what the union means."""
+    loinc = "http://loinc.org"
+
+    def q(value: float, unit: str = "mg") -> dict[str, Any]:
+        return {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit}
+
+    def obs(oid: str, code: str | None, value: float | None = None, components: tuple[tuple[str, float | None], ...] = (),
+            text: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"resourceType": "Observation", "id": oid, "status": "final",
+                                "code": {"coding": [{"system": loinc, "code": code or "none", "display": text or code}]}}
+        if value is not None:
+            body["valueQuantity"] = q(value)
+        body["component"] = [
+            {"code": {"coding": [{"system": loinc, "code": c, "display": "Systolic blood pressure measured sitting"}]},
+             **({"valueQuantity": q(v)} if v is not None else
+                {"dataAbsentReason": {"coding": [{"system": "urn:dar", "code": "error"}]}})}
+            for c, v in components]
+        if not body["component"]:
+            del body["component"]
+        return body
+
+    put(engine, tenant, obs("top", "A", 5))
+    put(engine, tenant, obs("inner", "B", None, (("A", 7), ("C", None))))
+    put(engine, tenant, obs("none", "D", text="Diastolic blood pressure measured sitting"))
+    assert found(engine, tenant, "Observation", f"combo-code={loinc}|A") == {"top", "inner"}
+    assert found(engine, tenant, "Observation", "combo-code=A,D") == {"top", "inner", "none"}
+    assert found(engine, tenant, "Observation", "code=A") == {"top"}
+    assert found(engine, tenant, "Observation", "component-code=A") == {"inner"}
+    assert found(engine, tenant, "Observation", "combo-code:not=A") == {"none"}
+    assert found(engine, tenant, "Observation", "combo-value-quantity:missing=true") == {"none"}
+    assert found(engine, tenant, "Observation", "combo-value-quantity:missing=false") == {"top", "inner"}
+    assert found(engine, tenant, "Observation", "combo-data-absent-reason=error") == {"inner"}
+    assert found(engine, tenant, "Observation", "combo-data-absent-reason:missing=true") == {"top", "none"}
+    assert found(engine, tenant, "Observation", "combo-value-quantity=gt6||mg") == {"inner"}
+    assert found(engine, tenant, "Observation", "combo-value-quantity=le7") == {"top", "inner"}
+    assert found(engine, tenant, "Observation", "combo-code-value-quantity=A$gt6") == {"inner"}
+    assert found(engine, tenant, "Observation", "combo-code-value-quantity=A$lt6") == {"top"}
+    assert found(engine, tenant, "Observation", "combo-code-value-quantity=B$gt0") == set()  # B has no value
+    # :text, short (decided by the index) and longer than the index's prefixes (confirmed on the bodies)
+    assert found(engine, tenant, "Observation", "combo-code:text=systolic") == {"inner"}
+    assert found(engine, tenant, "Observation", "combo-code:text=systolic blood pressure") == {"inner"}
+    assert found(engine, tenant, "Observation", "combo-code:text=diastolic blood pressure") == {"none"}
+    assert found(engine, tenant, "Observation", "combo-code:text=blood pressure") == set()
+    # Sorted by the smallest of its parts' values
+    assert ids(search(engine, tenant, "Observation", "combo-value-quantity:missing=false&_sort=combo-value-quantity")) == ["top", "inner"]
+    assert ids(search(engine, tenant, "Observation", "combo-value-quantity:missing=false&_sort=-combo-value-quantity")) == ["inner", "top"]
+    # None of them is written to the index
+    combos = [p for p in engine.search_params.for_type("Observation").values() if p.union_of]
+    assert {p.code for p in combos} >= {"combo-code", "combo-value-quantity", "combo-code-value-quantity"}
+    from sqlalchemy import func, select
+
+    from fhir_server.storage import schema
+    with engine.storage.session(tenant, write=False) as repo:
+        for table in (schema.idx_hash, schema.idx_quantity, schema.idx_composite):
+            keys = {p.key for p in combos} | {p.sub_key(":text") for p in combos}
+            assert repo.conn.execute(select(func.count()).select_from(table).where(table.c.param_key.in_(keys))).scalar() == 0
