@@ -118,16 +118,18 @@ class SearchStore:
 
         A UNION ALL of a transaction's conditional criteria costs PostgreSQL far more to plan than to run (14
         criteria: about 3 ms against 0.2 ms), and with its custom plans it is planned again every time. Its
-        generic plan prunes the tenant's partitions when it starts, and looks rows up by index whatever the
-        statistics say (a young database's tables have none yet).
+        generic plan, made once per connection, prunes the tenant's partitions when it starts.
+
+        Put back only when the statement succeeded: a failure aborts the transaction, which takes the local
+        setting with it, and a statement sent after it would hide the failure (a deadlock, which answers 409)
+        behind "current transaction is aborted".
         """
         if self.conn.dialect.name != "postgresql" or self.conn.info.get("fhir_autocommit"):
             return list(self.conn.execute(stmt))  # (a read outside a transaction: a local setting would not hold)
         before = self.conn.execute(_FORCE_GENERIC).scalar_one()  # (the first column)
-        try:
-            return list(self.conn.execute(stmt))
-        finally:
-            self.conn.execute(_PLAN_CACHE_MODE, {"mode": before})
+        rows = list(self.conn.execute(stmt))
+        self.conn.execute(_PLAN_CACHE_MODE, {"mode": before})
+        return rows
 
     def ids_if_few(self, ids: Any, limit: int) -> list[str] | None:
         """The ids a subquery selects, if there are at most ``limit`` of them (else None)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import Integer, cast, literal, text
+from sqlalchemy.exc import DBAPIError
 
 from fhir_server.engine.engine import Engine
 from fhir_server.storage.search_store import R, SearchStore
@@ -27,3 +29,17 @@ def test_ids_many_answers_each_query_and_leaves_the_plan_setting_as_it_was(engin
         assert got == [["a"], ["c"], [], ["a", "b", "c"]]
         if postgres:
             assert repo.conn.execute(text("SELECT current_setting('plan_cache_mode')")).scalar_one() == "force_custom_plan"
+
+
+def test_a_failing_ids_many_raises_its_own_error(engine: Engine, tenant: str) -> None:
+    """Not "current transaction is aborted" from putting the plan setting back: storage_errors maps a deadlock
+    or serialization failure by its SQLSTATE (to 409)."""
+    if not engine.storage.db.is_postgres:
+        pytest.skip("the plan setting is PostgreSQL's (and SQLite divides by zero into NULL)")
+    call(engine, tenant, "PUT", "Patient/a", patient("a"))
+    with pytest.raises(DBAPIError) as info, engine.storage.session(tenant, write=True) as repo:
+        store = SearchStore(repo)
+        base = store.base_conditions(("Patient",))
+        failing = cast(literal(1) / literal(0), Integer) == 1
+        store.ids_many([([*base, failing], 1), ([*base, failing], 1)])
+    assert getattr(info.value.orig, "sqlstate", None) == "22012"  # division_by_zero
