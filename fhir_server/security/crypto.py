@@ -143,21 +143,22 @@ class TenantKeys:
 
     def blind(self, resource_type: str, key_name: str, material: str) -> bytes:
         """The blind index of ``material`` for one search parameter of this tenant."""
-        pk = self._param_keys.get((resource_type, key_name))
-        if pk is None:
-            pk = derive_param_key(self.index_key, resource_type, key_name)
-            if len(self._param_keys) < 100_000:
-                self._param_keys[(resource_type, key_name)] = pk
+        pk = self._param_keys.get((resource_type, key_name)) or self._derived(resource_type, key_name)
         return blind_index(pk, material)
 
     def content_digest(self, resource_type: str, resource_id: str, content: bytes) -> bytes:
         """A keyed digest of one resource's content (16 bytes): the same for its versions of equal content. Nothing
         is learnt of the content without the tenant's index key, nor that two resources have the same content (the
         id is hashed with it)."""
-        pk = self._param_keys.get((resource_type, CONTENT_KEY))
-        if pk is None:
-            pk = self._param_keys[(resource_type, CONTENT_KEY)] = derive_param_key(self.index_key, resource_type, CONTENT_KEY)
+        pk = self._param_keys.get((resource_type, CONTENT_KEY)) or self._derived(resource_type, CONTENT_KEY)
         return hmac.digest(pk, resource_id.encode() + b"\x00" + content, "sha256")[:BLIND_INDEX_BYTES]
+
+    def _derived(self, resource_type: str, key_name: str) -> bytes:
+        """The HMAC key of (type, key name), derived and remembered (up to a bound: names come from requests)."""
+        pk = derive_param_key(self.index_key, resource_type, key_name)
+        if len(self._param_keys) < 100_000:
+            self._param_keys[(resource_type, key_name)] = pk
+        return pk
 
 
 class Sealer:
