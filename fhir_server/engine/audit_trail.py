@@ -27,20 +27,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import select, tuple_
 
 from fhir_server.clock import now_us
 from fhir_server.engine import auditing, compartments
 from fhir_server.engine.audit_index import AuditIndexer
 from fhir_server.engine.auditing import COMMITTING, DEFERRED, LOST, OPEN, RECORDED, Interaction
-from fhir_server.engine.resources import stamp
+from fhir_server.engine.resources import not_known, stamp, was_deleted
 from fhir_server.errors import ServiceUnavailable
 from fhir_server.search.extract import IndexEntries, parse_reference
-from fhir_server.security import audit_chain
+from fhir_server.security import audit_chain, audit_events
 from fhir_server.security.audit_events import current_origin
 from fhir_server.security.audit_monitor import Monitor
 from fhir_server.storage import audit_log, schema
-from fhir_server.storage.repository import ResourceRepository
+from fhir_server.storage.repository import ResourceRepository, VersionRecord
 from fhir_server.storage.tenants import TenantNotFound
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class AuditTrail:
         self._chain_keys: dict[int, tuple[bytes, bytes]] = {}
         self.storage.before_commit = self._before_commit
         self.storage.audit_log.indexer = AuditIndexer(engine)
+        self.storage.audit_log.finisher = self._complete_reads
 
     # --- the engine's side ---------------------------------------------------------------------------------
 
@@ -219,6 +221,66 @@ class AuditTrail:
             written.append((event["id"], body))
         audit_log.store_records(repo.conn, repo.tenant.id, records)
         return written, alerts
+
+    # --- a read recorded by its own statement ------------------------------------------------------------
+
+    def read_recorded(self, repo: ResourceRepository, req: FhirRequest, rtype: str, rid: str,
+                      instance_free: Callable[[], bool]) -> tuple[bool, VersionRecord | None]:
+        """Read a resource and write the read's record in one statement, when that can be (PostgreSQL, the
+        request's read outside a transaction, nothing decided after the read but what the statement sees:
+        ``instance_free`` says no instance check follows; no monitoring marks, no mirror): (True, what
+        ``repo.read`` returns), the interaction recorded. Otherwise (False, None): read and record as usual.
+
+        The record is a draft, made before the outcome is known (a success, the resource unversioned, no
+        patients); the statement notes the version it found and the patients of the resource's index, and the
+        chainer completes the record (``_complete_reads``) before it chains it. A read whose record was written saves the round trip that
+        writing it after the read costs (docs/audit.md, Cost)."""
+        act = auditing.current()
+        if (not self.enabled or act is None or act.state != OPEN or not act.attached or act.kind != "read"
+                or act.tenant != repo.tenant.name or self.sink is not None or self.storage.shared_read(act.tenant) is not repo
+                or req.param("_summary") is not None or req.param("_elements") is not None
+                or not audit_log.can_record_with_read(repo)):
+            return False, None
+        event = act.event(200)
+        # A monitoring rule that would count this read, had it found a patient's record, writes marks with the
+        # record (a transaction after the read); so does an instance check.
+        as_found = audit_events.complete_read(event, status=200, description=None, version=1, patients=["someone"])
+        if self.monitor.writes([as_found]) or not instance_free():
+            return False, None
+        key, now = self._chain_key(repo), now_us()
+        body = stamp(event, event["id"], 1, now)
+        key_version, sealed = repo.sealer.seal_resource(AUDIT_EVENT, event["id"], 1, body)
+        draft = audit_log.Record(event["id"], now, key_version, sealed, audit_chain.record_digest(key, body))
+        keys = [p.key for p in compartments.patient_params(self.engine, rtype)]
+        row = audit_log.read_recorded(repo, rtype, rid, draft, keys)  # raises if the record was not written
+        act.state = RECORDED
+        self.storage.audit_log.kick(act.tenant)
+        try:
+            return True, None if row is None else repo.record_of(rtype, rid, row)
+        except Exception:  # a stored version that does not open: the failure is recorded instead of the draft
+            try:
+                audit_log.discard_draft(repo, draft.res_id)
+            except Exception as exc:  # noqa: BLE001 - the draft stays (its record says what the read found)
+                log.error("audit draft not discarded", extra={"tenant": act.tenant, "error_type": type(exc).__name__})
+            act.state = OPEN
+            raise
+
+    def _complete_reads(self, repo: ResourceRepository, drafts: list[audit_log.Draft]) -> list[bytes]:
+        """The AuditEvents of reads recorded by their own statements, completed with what each found: the version
+        read and the patients whose record it is in (as indexed, as for search results), or the failure the read
+        answered (404, 410)."""
+        out = []
+        for d in drafts:
+            event = orjson.loads(d.event)
+            rtype, rid = event["entity"][0]["what"]["reference"].split("/", 1)
+            patients, status, description = sorted({*d.read_patients, *([rid] if rtype == "Patient" else [])}), 200, None
+            if d.read_version is None:
+                status, description = auditing.failure(not_known(rtype, rid))
+            elif d.read_deleted:
+                status, description = auditing.failure(was_deleted(rtype, rid, d.read_version))
+            out.append(stamp(audit_events.complete_read(event, status=status, description=description,
+                                                        version=d.read_version, patients=patients), d.res_id, 1, d.recorded))
+        return out
 
     def catch_up(self, req: FhirRequest, types: tuple[str, ...] | list[str]) -> bool:
         """Before AuditEvents are read or searched (``types`` names them) by a caller who may: make every record

@@ -175,6 +175,18 @@ def check_instance(engine: Engine, repo: ResourceRepository, access: AccessConte
     check_instances(engine, repo, access, permission, rtype, [rid])
 
 
+def instance_unrestricted(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str,
+                          rtype: str) -> bool:
+    """Whether ``check_instance`` would pass for any resource of ``rtype`` (the grant is not limited to a
+    compartment). False also when it would refuse every one: that refusal is left to ``check_instance``."""
+    if access.internal:
+        return True
+    try:
+        return constraint(engine, engine.contexts.for_repo(repo), access, permission, rtype) is None
+    except Forbidden:
+        return False
+
+
 def check_writable(engine: Engine, repo: ResourceRepository, access: AccessContext, permission: str, rtype: str,
                    rid: str) -> None:
     """A resource a write is about to change (u, d) or has written (c, u): within the grant, and, where the grant

@@ -112,19 +112,31 @@ def read(engine: Engine, req: FhirRequest, rtype: str, rid: str) -> FhirResponse
         authorization.grants_unless_internal(req.access, "r", rtype)
     caught_up = engine.audit.catch_up(req, (rtype,))  # an AuditEvent is a resource once it is chained
     with engine.storage.session(req.tenant, write=False, shared=not caught_up) as repo:
-        rec = repo.read(rtype, rid)
-        if rec is not None and not rec.deleted:
-            auditing.note_record(engine, rec)  # whose record it is, also when the access is refused below
-            if not own:
-                authorization.check_instance(engine, repo, req.access, "r", rtype, rid)
+        recorded, rec = engine.audit.read_recorded(
+            repo, req, rtype, rid, lambda: own or authorization.instance_unrestricted(engine, repo, req.access, "r", rtype))
+        if not recorded:
+            rec = repo.read(rtype, rid)
+            if rec is not None and not rec.deleted:
+                auditing.note_record(engine, rec)  # whose record it is, also when the access is refused below
+                if not own:
+                    authorization.check_instance(engine, repo, req.access, "r", rtype, rid)
     if rec is None:
-        raise NotFound(f"{rtype}/{rid} is not known", expression="id")
+        raise not_known(rtype, rid)
     if rec.deleted:
-        raise Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{rec.version}"'})
+        raise was_deleted(rtype, rid, rec.version)
     headers = version_headers(engine, req, rec)
     if not_modified(req, rec):
         return FhirResponse(304, None, headers)
     return FhirResponse(200, _maybe_subset(engine, req, rec), headers)
+
+
+def not_known(rtype: str, rid: str) -> NotFound:
+    """A read's answer when the resource never existed (its AuditEvent says the same: audit_trail.py)."""
+    return NotFound(f"{rtype}/{rid} is not known", expression="id")
+
+
+def was_deleted(rtype: str, rid: str, version: int) -> Gone:
+    return Gone(f"{rtype}/{rid} was deleted", headers={"ETag": f'W/"{version}"'})
 
 
 def _maybe_subset(engine: Engine, req: FhirRequest, rec: VersionRecord) -> dict[str, Any] | RawJson:

@@ -173,6 +173,30 @@ def rest_event(kind: str, status: int, description: str | None, actor: Actor, pl
     return event
 
 
+def complete_read(event: dict[str, Any], *, status: int, description: str | None, version: int | None,
+                  patients: list[str]) -> dict[str, Any]:
+    """A read's event as ``rest_event`` made it before the read's outcome was known (a success, its one resource
+    unversioned, no patients), completed with what the read found: the same event ``rest_event`` makes with
+    these (but for its id and time)."""
+    done = {**event, "entity": [dict(e) for e in event.get("entity", [])]}
+    outcome = outcome_code(status)
+    done["outcome"] = outcome
+    if description:
+        done["outcomeDesc"] = description[:MAX_DESCRIPTION]
+    meta = {k: v for k, v in done.get("meta", {}).items() if k != "profile"}
+    if outcome == "0":
+        if version is not None:
+            reference = done["entity"][0]["what"]["reference"]
+            done["entity"][0] = {**done["entity"][0], "what": {"reference": f"{reference}/_history/{version}"}}
+        done["entity"][1:1] = [patient_entity(p) for p in patients]
+        meta["profile"] = [f"{BALP_PROFILE}{'Patient' if len(patients) == 1 else ''}Read"]
+    if meta:
+        done["meta"] = meta
+    else:
+        done.pop("meta", None)
+    return done
+
+
 def _agent_types(pattern: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """(client, server, user) agent types of a BALP pattern. BALP's Read names the client the destination of the
     data, its Query, Create and Update the source of the request; Delete the application and the custodian."""

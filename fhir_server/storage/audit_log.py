@@ -145,6 +145,61 @@ def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> No
                               "key_version": r.key_version, "body": r.sealed} for r in records])
 
 
+# A read and its record in one statement (PostgreSQL, autocommit): the record is committed with the read, before
+# its answer can leave, and costs no round trip of its own. It is a draft, written before the outcome was known;
+# the statement notes the version it found (and whether a deletion) and, from its index, the patients whose record
+# it is in (``patient_keys``: the keys of the compartment's parameters), and the chainer completes it (``Finisher``).
+# (The sub-statements share one snapshot: the version noted is the one returned.)
+_PG_READ_RECORDED = (
+    "WITH r AS (SELECT v.version, v.last_updated, v.deleted, v.method, v.key_version, v.body FROM resources AS c "
+    "  JOIN resource_versions AS v ON v.tenant_id = c.tenant_id AND v.res_type = c.res_type AND v.res_id = c.res_id "
+    "  AND v.version = c.version WHERE c.tenant_id = %(tid)s AND c.res_type = %(rt)s AND c.res_id = %(rid)s), "
+    "a AS (INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body, draft, read_version, read_deleted, "
+    "  read_patients) SELECT %(tid)s, %(res_id)s, %(recorded)s, %(digest)s, %(key_version)s, %(sealed)s, true, "
+    "  (SELECT version FROM r), (SELECT deleted FROM r), (SELECT string_agg(DISTINCT x.target_id, ' ') FROM idx_reference AS x "
+    "  WHERE x.tenant_id = %(tid)s AND x.res_type = %(rt)s AND x.res_id = %(rid)s AND x.param_key = ANY(%(pkeys)s::bigint[]) "
+    "  AND x.target_type = 'Patient' AND x.target_id IS NOT NULL)) "
+    "SELECT version, last_updated, deleted, method, key_version, body FROM r"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadRow:
+    version: int
+    last_updated: int
+    deleted: bool
+    method: str
+    key_version: int
+    body: bytes | None
+
+
+def can_record_with_read(repo: ResourceRepository) -> bool:
+    """Whether a read's record can be written by the read's own statement: PostgreSQL, outside a transaction."""
+    if repo.conn.dialect.name != "postgresql" or not repo.conn.info.get("fhir_autocommit"):
+        return False
+    driver = repo.conn.connection.driver_connection
+    return driver is not None and driver.autocommit and driver.pgconn.transaction_status == pq.TransactionStatus.IDLE
+
+
+def read_recorded(repo: ResourceRepository, res_type: str, res_id: str, draft: Record,
+                  patient_keys: list[int]) -> _ReadRow | None:
+    """The row ``repo.read`` reads (for ``repo.record_of``), read by a statement that also stores ``draft`` (a
+    read's record made before its outcome is known), a transaction of its own (``can_record_with_read``)."""
+    driver = repo.conn.connection.driver_connection
+    assert driver is not None
+    row = driver.execute(_PG_READ_RECORDED, {"tid": repo.tenant.id, "rt": res_type, "rid": res_id, "res_id": draft.res_id,
+                                             "recorded": draft.recorded, "digest": draft.digest,
+                                             "key_version": draft.key_version, "sealed": draft.sealed,
+                                             "pkeys": patient_keys},
+                         prepare=True).fetchone()
+    return None if row is None else _ReadRow(*row)
+
+
+def discard_draft(repo: ResourceRepository, res_id: str) -> None:
+    """Remove a read's draft record (the read failed after its statement: its failure is recorded instead)."""
+    repo.conn.execute(delete(P).where(P.c.tenant_id == repo.tenant.id, P.c.res_id == res_id, P.c.draft.is_(True)))
+
+
 def _pg_record_alone(info: dict[str, Any], driver: psycopg.Connection[Any], tenant_id: int, r: Record) -> None:
     """One record in a transaction of its own (the connection is outside one: autocommit)."""
     pgconn = driver.pgconn
@@ -178,6 +233,7 @@ def _pg_ok(driver: psycopg.Connection[Any], result: pq.abc.PGresult) -> None:
 
 
 _CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash")
+_CHAIN_BODIES = ("key_version", "body")  # of completed drafts (NULL for the others: their pending row's)
 # The chained records: resources of the tenant (current row and version 1, the sealed body as it was pending),
 # rows of the log, waiting for their index; out of the pending rows; and the new head. One statement, its
 # arrays in binary; the bodies go from the pending rows to resource_versions inside the server (every
@@ -197,7 +253,44 @@ _PG_CHAIN = (
     "UPDATE audit_heads SET seq = %(head_seq)s, hash = %(head_hash)s, checkpoint_seq = %(cp_seq)s, checkpoint_at = %(cp_at)s "
     "WHERE tenant_id = %(tid)s AND (SELECT count(*) FROM x) = %(n)s"  # no pending row vanished meanwhile
 )
+# The same when drafts were completed in this batch: their final bodies are given (the others' are their rows').
+_PG_CHAIN_COMPLETED = _PG_CHAIN.replace(
+    "WITH x AS (SELECT x.*, p.key_version, p.body FROM unnest(",
+    "WITH x AS (SELECT x.seq, x.res_id, x.recorded, x.digest, x.prev_hash, x.hash, "
+    "  coalesce(x.key_version, p.key_version) AS key_version, coalesce(x.body, p.body) AS body FROM unnest(", 1).replace(
+    "%(hash)b::bytea[]) AS x(seq, res_id, recorded, digest, prev_hash, hash) ",
+    "%(hash)b::bytea[], %(key_version)b::integer[], %(body)b::bytea[]) "
+    "AS x(seq, res_id, recorded, digest, prev_hash, hash, key_version, body) ", 1)
+assert _PG_CHAIN_COMPLETED != _PG_CHAIN
 
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A pending row as ``_chain_batch`` reads it (a draft's, once completed)."""
+
+    res_id: str
+    recorded: int
+    digest: bytes
+    draft: bool | None
+    key_version: int = 0
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A read's pending record as the read's statement wrote it: its id and time, its AuditEvent (opened), the
+    version the read found (None: none), whether that is a deletion, and the patients of its index."""
+
+    res_id: str
+    recorded: int
+    event: bytes
+    read_version: int | None
+    read_deleted: bool | None
+    read_patients: list[str]
+
+
+# Given drafts, their completed AuditEvents (JSON, in the same order): set by the engine's audit trail.
+Finisher = Callable[[ResourceRepository, list[Draft]], list[bytes]]
 
 # Given stored AuditEvents (id, JSON), the index entries of each (the engine's extractor, with the tenant's
 # search parameters): set by the engine's audit trail.
@@ -228,6 +321,7 @@ class AuditLog:
         self.storage = storage
         self.policy = policy
         self.indexer: Indexer | None = None
+        self.finisher: Finisher | None = None  # completes drafts; without one (no engine), they wait
         self.inline = False  # chain at once in the caller's thread (the command line: it exits before a chainer would)
         self._clock = _shared_clock or BusyClock()
         self._chainer = _Chainer(self)
@@ -289,10 +383,12 @@ class AuditLog:
         # PostgreSQL moves the sealed bodies from the pending rows to the resources itself (_PG_CHAIN), so they are
         # not read here; elsewhere they are carried over.
         bodies = () if conn.dialect.name == "postgresql" else (P.c.key_version, P.c.body)
-        pending = conn.execute(
-            select(P.c.res_id, P.c.recorded, P.c.digest, *bodies).where(P.c.tenant_id == tid)
-            .order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)
-        ).all()
+        waiting = select(P.c.res_id, P.c.recorded, P.c.digest, P.c.draft, *bodies).where(P.c.tenant_id == tid)
+        if self.finisher is None:
+            waiting = waiting.where(P.c.draft.is_not(True))  # (drafts wait for a process that can complete them)
+        pending: list[Any] = list(conn.execute(waiting.order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)))
+        if any(p.draft for p in pending):
+            pending = self._complete_drafts(repo, pending)
         seq, prev = head.seq, head.hash
         rows = []
         if pending:
@@ -303,7 +399,7 @@ class AuditLog:
                 h = audit_chain.link(key, tid, seq, prev, digest, p.res_id, p.recorded)
                 row = {"tenant_id": tid, "seq": seq, "res_id": p.res_id, "recorded": p.recorded, "digest": digest,
                        "prev_hash": prev, "hash": h}
-                if bodies:
+                if bodies or isinstance(p, _Pending):  # (a completed draft: its final body, not its row's)
                     row.update(key_version=p.key_version, body=bytes(p.body))
                 rows.append(row)
                 prev = h
@@ -324,15 +420,44 @@ class AuditLog:
             self._write_chain(conn, tid, rows, _HeadRow(seq, prev, checkpoint_seq, checkpoint_at))
         return len(pending)
 
+    def _complete_drafts(self, repo: ResourceRepository, pending: list[Any]) -> list[Any]:
+        """``pending`` with its drafts completed (their final records sealed, with their digests: they are chained
+        as that, and their pending rows go)."""
+        assert self.finisher is not None
+        conn, tid = repo.conn, repo.tenant.id
+        ids = [p.res_id for p in pending if p.draft]
+        rows = {r.res_id: r for r in conn.execute(
+            select(P.c.res_id, P.c.recorded, P.c.key_version, P.c.body, P.c.read_version, P.c.read_deleted, P.c.read_patients)
+            .where(P.c.tenant_id == tid, P.c.res_id.in_(ids)))}
+        drafts = []
+        for rid in ids:
+            r = rows[rid]
+            try:
+                event = repo.sealer.open_resource(AUDIT_EVENT, rid, 1, r.key_version, bytes(r.body))
+            except IntegrityError:  # altered while pending: chained as it is, for verify to report
+                continue
+            drafts.append(Draft(rid, r.recorded, event, r.read_version, r.read_deleted, (r.read_patients or "").split()))
+        key = audit_chain.chain_key(repo.sealer.keys.index_key)
+        done: dict[str, _Pending] = {}
+        for draft, body in zip(drafts, self.finisher(repo, drafts), strict=True):
+            key_version, sealed = repo.sealer.seal_resource(AUDIT_EVENT, draft.res_id, 1, body)
+            done[draft.res_id] = _Pending(draft.res_id, draft.recorded, audit_chain.record_digest(key, body), True,
+                                          key_version, sealed)
+        return [done.get(p.res_id, p) for p in pending]
+
     @staticmethod
     def _write_chain(conn: Connection, tid: int, rows: list[dict[str, Any]], head: _HeadRow) -> None:
         """The chained records into the log and the index queue, out of the pending rows, and the new head."""
         if conn.dialect.name == "postgresql":  # one statement, its arrays in binary (see storage/indexing.py)
             driver = conn.connection.driver_connection
             assert driver is not None
-            cur = driver.execute(_PG_CHAIN, {"tid": tid, **{k: [r[k] for r in rows] for k in _CHAIN_COLUMNS}, "n": len(rows),
-                                             "head_seq": head.seq, "head_hash": head.hash, "cp_seq": head.checkpoint_seq,
-                                             "cp_at": head.checkpoint_at})
+            params = {"tid": tid, **{k: [r[k] for r in rows] for k in _CHAIN_COLUMNS}, "n": len(rows),
+                      "head_seq": head.seq, "head_hash": head.hash, "cp_seq": head.checkpoint_seq, "cp_at": head.checkpoint_at}
+            statement = _PG_CHAIN
+            if any("body" in r for r in rows):
+                statement = _PG_CHAIN_COMPLETED
+                params.update({k: [r.get(k) for r in rows] for k in _CHAIN_BODIES})
+            cur = driver.execute(statement, params)
             if cur.rowcount != 1:  # the transaction rolls back: nothing is chained
                 raise RuntimeError("audit chain: pending records changed while they were chained")
             return

@@ -160,7 +160,7 @@ class ResourceRepository:
     def read(self, res_type: str, res_id: str) -> VersionRecord | None:
         """The current version (a deletion record if deleted), or None if it never existed."""
         row = self.conn.execute(_READ, {"tid": self._tid, "rt": res_type, "rid": res_id}).first()
-        return None if row is None else self._record(res_type, res_id, row)
+        return None if row is None else self.record_of(res_type, res_id, row)
 
     def current_of_type(self, res_type: str, *, after: str | None, limit: int) -> list[tuple[VersionRecord, int]]:
         """Current, undeleted resources of a type in id order after ``after``, with their index masks."""
@@ -175,7 +175,7 @@ class ResourceRepository:
         )
         if after is not None:
             stmt = stmt.where(R.c.res_id > after)
-        return [(self._record(res_type, r.res_id, r), r.index_mask) for r in self.conn.execute(stmt)]
+        return [(self.record_of(res_type, r.res_id, r), r.index_mask) for r in self.conn.execute(stmt)]
 
     def reindex(self, res_type: str, res_id: str, index: IndexEntries, old_mask: int) -> None:
         """Replace a resource's index rows (its version and body are unchanged)."""
@@ -187,9 +187,10 @@ class ResourceRepository:
 
     def vread(self, res_type: str, res_id: str, version: int) -> VersionRecord | None:
         row = self.conn.execute(_VREAD, {"tid": self._tid, "rt": res_type, "rid": res_id, "v": version}).first()
-        return None if row is None else self._record(res_type, res_id, row)
+        return None if row is None else self.record_of(res_type, res_id, row)
 
-    def _record(self, res_type: str, res_id: str, row: object) -> VersionRecord:
+    def record_of(self, res_type: str, res_id: str, row: object) -> VersionRecord:
+        """A version as read (version, last_updated, deleted, method, key_version, body), its body opened."""
         body = None
         if not row.deleted and row.body is not None:  # type: ignore[attr-defined]
             body = self.sealer.open_resource(
@@ -414,7 +415,7 @@ class ResourceRepository:
             stmt = stmt.order_by(V.c.last_updated.desc(), V.c.res_type.desc(), V.c.res_id.desc(), V.c.version.desc())
         rows = self.conn.execute(stmt.limit(q.limit + 1)).all()
         more = len(rows) > q.limit
-        records = [self._record(r.res_type, r.res_id, r) for r in rows[: q.limit]]
+        records = [self.record_of(r.res_type, r.res_id, r) for r in rows[: q.limit]]
         if q.before is not None:
             records.reverse()
         return records, more

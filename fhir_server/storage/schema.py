@@ -375,6 +375,12 @@ audit_pending = Table(
     Column("digest", LargeBinary(32), nullable=False),  # HMAC of its stored bytes under the tenant's chain key
     Column("key_version", Integer, nullable=False),
     Column("body", LargeBinary, nullable=False),  # sealed, as version 1 of the AuditEvent will be
+    # A read's record written by the read's own statement (PostgreSQL), before its outcome was known: the version
+    # that statement found (NULL: none) and whether it is a deletion. The chainer completes it (audit_log.py).
+    Column("draft", Boolean, nullable=True),
+    Column("read_version", Integer, nullable=True),
+    Column("read_deleted", Boolean, nullable=True),
+    Column("read_patients", Text, nullable=True),  # the Patients whose record it is in, as indexed (ids, space-separated)
     PrimaryKeyConstraint("tenant_id", "res_id", name="pk_audit_pending"),
 )
 

@@ -144,3 +144,62 @@ def test_logins_lockouts_and_tokens_are_recorded(raw: FlaskClient, storage: Stor
     [revocation] = [e for e in events(storage, tenant) if "token-revoke" in subtype_codes(e)]
     assert revocation["outcome"] == "0"
     assert revocation["entity"][0]["what"]["identifier"] == grant_entity["what"]["identifier"]
+
+
+# --- a read recorded by its own statement ------------------------------------------------------------------
+
+def _entities(event: dict[str, Any], role: str) -> list[str]:
+    return [e["what"]["reference"] for e in event.get("entity", []) if e.get("role", {}).get("code") == role]
+
+
+def test_a_read_is_recorded_by_its_own_statement_and_completed_when_chained(
+        client: FlaskClient, app: Flask, backend: str, tenant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL a read's record is written by the statement that reads (a draft, with the version it found);
+    the chainer completes it. The records are the ones the other path writes, on both back-ends."""
+    from sqlalchemy import select
+
+    from fhir_server.capability.validation import validate_resource
+    from fhir_server.storage import schema
+
+    storage: Storage = app.extensions["fhir_storage"]
+    base, as_json = f"/fhir/{tenant}", {"Content-Type": "application/fhir+json"}
+    client.put(f"{base}/Patient/r1", json={"resourceType": "Patient", "id": "r1"}, headers=as_json)
+    for oid in ("r2", "r3"):
+        client.put(f"{base}/Observation/{oid}", json={"resourceType": "Observation", "id": oid, "status": "final",
+                   "code": {"text": "weight"}, "subject": {"reference": f"http://localhost{base}/Patient/r1"}}, headers=as_json)
+    assert client.delete(f"{base}/Observation/r3").status_code in (200, 204)
+    storage.audit_log.chain(tenant)
+    monkeypatch.setattr(storage.audit_log, "kick", lambda name: None)  # the records stay pending until chained below
+    patient_token = {"Authorization": f"Bearer {mint_token(storage, tenant, 'patient/*.rs', patient='r1')}"}
+    reads = [("Observation/r2", {}, 200), ("Patient/r1", {}, 200), ("Observation/r2", {"If-None-Match": 'W/"1"'}, 304),
+             ("Observation/nope", {}, 404), ("Observation/r3", {}, 410), ("Observation/r2", patient_token, 200)]
+    for n, (path, headers, status) in enumerate(reads):
+        assert client.get(f"{base}/{path}", headers={"X-Request-Id": f"fold-{n}", **headers}).status_code == status
+    p = schema.audit_pending
+    with storage.session(tenant, write=False, shared=False) as repo:
+        pending = [tuple(r) for r in repo.conn.execute(select(p.c.draft, p.c.read_version, p.c.read_deleted)
+                                                       .where(p.c.tenant_id == repo.tenant.id).order_by(p.c.recorded))]
+    if backend == "postgresql":  # the patient-limited read is checked after it reads: recorded after, as before
+        assert pending == [(True, 1, False), (True, 1, False), (True, 1, False), (True, None, None), (True, 2, True),
+                           (None, None, None)]
+    else:
+        assert pending == [(None, None, None)] * 6
+    storage.audit_log.chain(tenant)  # (by the app's chainer: it can complete drafts)
+    found = {n: by_request(storage, tenant, f"fold-{n}") for n in range(len(reads))}
+    assert all(len(v) == 1 for v in found.values()), found
+    ev = {n: v[0] for n, v in found.items()}
+    for n in (0, 2, 5):
+        assert ev[n]["outcome"] == "0" and _entities(ev[n], "4") == ["Observation/r2/_history/1"]
+        assert _entities(ev[n], "1") == ["Patient/r1"] and ev[n]["meta"]["profile"] == [f"{ae.BALP_PROFILE}PatientRead"]
+    assert _entities(ev[1], "4") == ["Patient/r1/_history/1"] and _entities(ev[1], "1") == ["Patient/r1"]
+    assert ev[3]["outcome"] == "4" and ev[3]["outcomeDesc"] == "HTTP 404: Observation/nope is not known"
+    assert ev[4]["outcome"] == "4" and ev[4]["outcomeDesc"] == "HTTP 410: Observation/r3 was deleted"
+    for n in (3, 4):
+        assert _entities(ev[n], "4") == [f"Observation/{'nope' if n == 3 else 'r3'}"] and not _entities(ev[n], "1")
+        assert "profile" not in ev[n]["meta"]
+    for event in ev.values():
+        assert "_draft" not in event and subtype_codes(event) == ["read"] and event["action"] == "R"
+        assert validate_resource(app.extensions["fhir_engine"].registry, event) == []
+    # the completed records are what the chain holds: the log verifies
+    report = storage.audit_log.verify(tenant)
+    assert report.ok and report.pending == 0, report.findings

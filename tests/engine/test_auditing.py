@@ -291,3 +291,24 @@ def test_audit_off_records_nothing(engine_with: Any, tenant: str) -> None:
     call(engine, tenant, "PUT", "Patient/q1", patient("q1"))
     call(engine, tenant, "GET", "Patient/q1")
     assert events(engine, tenant) == []
+
+
+@pytest.mark.parametrize("status, description, version, patients", [
+    (200, None, 3, ["p1"]), (200, None, 3, ["p1", "p2"]), (200, None, 1, []), (304, None, 3, ["p1"]),
+    (404, "HTTP 404: Observation/o1 is not known", None, []), (410, "HTTP 410: Observation/o1 was deleted", 2, []),
+])
+def test_a_completed_read_draft_is_the_event_the_read_would_have_recorded(status: int, description: str | None,
+                                                                            version: int | None, patients: list[str]) -> None:
+    """On PostgreSQL a read's record is made before the read (a draft) and completed when it is chained: the result is
+    the event made after the read, field for field (but for its id and time)."""
+    actor = ae.Actor(client_id="backend", address="10.0.0.9", grant_id=GRANT)
+    place = ae.Place("t1", "https://fhir.example/fhir/t1")
+    line, rid = "GET https://fhir.example/fhir/t1/Observation/o1", "req-1"
+    draft = ae.rest_event("read", 200, None, actor, place, resources=["Observation/o1"], patients=[], request_line=line,
+                          request_id=rid)
+    reference = f"Observation/o1/_history/{version}" if status < 400 else "Observation/o1"
+    wanted = ae.rest_event("read", status, description, actor, place, resources=[reference], patients=patients,
+                           request_line=line, request_id=rid)
+    done = ae.complete_read(draft, status=status, description=description, version=version, patients=patients)
+    assert {k: v for k, v in done.items() if k not in ("id", "recorded")} == {
+        k: v for k, v in wanted.items() if k not in ("id", "recorded")}
