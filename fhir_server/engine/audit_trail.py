@@ -244,8 +244,7 @@ class AuditTrail:
         event = act.event(200)
         # A monitoring rule that would count this read, had it found a patient's record, writes marks with the
         # record (a transaction after the read); so does an instance check.
-        as_found = audit_events.complete_read(event, status=200, description=None, version=1, patients=["someone"])
-        if self.monitor.writes([as_found]) or not instance_free():
+        if self.monitor.counts_patient_reads(event) or not instance_free():
             return False, None
         key, now = self._chain_key(repo), now_us()
         body = stamp(event, event["id"], 1, now)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import errors as psycopg_errors
 from psycopg import pq
-from sqlalchemy import Connection, and_, delete, exists, insert, select, text, tuple_, update
+from sqlalchemy import Connection, and_, case, delete, exists, insert, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from fhir_server.clock import now_us
@@ -120,7 +120,7 @@ _PG_LEAN_NAME = b"fhir_audit_record"
 _PG_LEAN = (b"INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body) "
             b"VALUES ($1::integer, $2::text, $3::bigint, $4::bytea, $5::integer, $6::bytea)")
 _PG_LEAN_FORMATS = (0, 0, 0, 1, 0, 1)
-_PREPARED = "fhir_audit_record_prepared"  # in a pooled connection's info: the libpq connection it was prepared on
+_PREPARED = "fhir_audit_prepared"  # in a pooled connection's info: by statement name, the libpq connection it was prepared on
 _UNDEFINED_STATEMENT = b"26000"
 _DUPLICATE_STATEMENT = b"42P05"
 
@@ -150,17 +150,19 @@ def store_records(conn: Connection, tenant_id: int, records: list[Record]) -> No
 # the statement notes the version it found (and whether a deletion) and, from its index, the patients whose record
 # it is in (``patient_keys``: the keys of the compartment's parameters), and the chainer completes it (``Finisher``).
 # (The sub-statements share one snapshot: the version noted is the one returned.)
+_PG_READ_RECORDED_NAME = b"fhir_read_recorded"
 _PG_READ_RECORDED = (
-    "WITH r AS (SELECT v.version, v.last_updated, v.deleted, v.method, v.key_version, v.body FROM resources AS c "
-    "  JOIN resource_versions AS v ON v.tenant_id = c.tenant_id AND v.res_type = c.res_type AND v.res_id = c.res_id "
-    "  AND v.version = c.version WHERE c.tenant_id = %(tid)s AND c.res_type = %(rt)s AND c.res_id = %(rid)s), "
-    "a AS (INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body, draft, read_version, read_deleted, "
-    "  read_patients) SELECT %(tid)s, %(res_id)s, %(recorded)s, %(digest)s, %(key_version)s, %(sealed)s, true, "
-    "  (SELECT version FROM r), (SELECT deleted FROM r), (SELECT string_agg(DISTINCT x.target_id, ' ') FROM idx_reference AS x "
-    "  WHERE x.tenant_id = %(tid)s AND x.res_type = %(rt)s AND x.res_id = %(rid)s AND x.param_key = ANY(%(pkeys)s::bigint[]) "
-    "  AND x.target_type = 'Patient' AND x.target_id IS NOT NULL)) "
-    "SELECT version, last_updated, deleted, method, key_version, body FROM r"
+    b"WITH r AS (SELECT v.version, v.last_updated, v.deleted, v.method, v.key_version, v.body FROM resources AS c "
+    b"  JOIN resource_versions AS v ON v.tenant_id = c.tenant_id AND v.res_type = c.res_type AND v.res_id = c.res_id "
+    b"  AND v.version = c.version WHERE c.tenant_id = $1::integer AND c.res_type = $2::text AND c.res_id = $3::text), "
+    b"a AS (INSERT INTO audit_pending (tenant_id, res_id, recorded, digest, key_version, body, draft, read_version, read_deleted, "
+    b"  read_patients) SELECT $1::integer, $4::text, $5::bigint, $6::bytea, $7::integer, $8::bytea, true, "
+    b"  (SELECT version FROM r), (SELECT deleted FROM r), (SELECT string_agg(DISTINCT x.target_id, ' ') FROM idx_reference AS x "
+    b"  WHERE x.tenant_id = $1::integer AND x.res_type = $2::text AND x.res_id = $3::text AND x.param_key = ANY($9::bigint[]) "
+    b"  AND x.target_type = 'Patient' AND x.target_id IS NOT NULL)) "
+    b"SELECT version, last_updated, deleted, method, key_version, body FROM r"
 )
+_PG_READ_RECORDED_FORMATS = (0, 0, 0, 0, 0, 1, 0, 1, 0)  # the digest and the sealed body in binary, the rest as text
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,15 +186,27 @@ def can_record_with_read(repo: ResourceRepository) -> bool:
 def read_recorded(repo: ResourceRepository, res_type: str, res_id: str, draft: Record,
                   patient_keys: list[int]) -> _ReadRow | None:
     """The row ``repo.read`` reads (for ``repo.record_of``), read by a statement that also stores ``draft`` (a
-    read's record made before its outcome is known), a transaction of its own (``can_record_with_read``)."""
+    read's record made before its outcome is known), a transaction of its own (``can_record_with_read``). Run
+    like a lone record (``_pg_record_alone``): prepared once per connection, through libpq itself, its result in
+    binary (a hot path: every read by id)."""
     driver = repo.conn.connection.driver_connection
     assert driver is not None
-    row = driver.execute(_PG_READ_RECORDED, {"tid": repo.tenant.id, "rt": res_type, "rid": res_id, "res_id": draft.res_id,
-                                             "recorded": draft.recorded, "digest": draft.digest,
-                                             "key_version": draft.key_version, "sealed": draft.sealed,
-                                             "pkeys": patient_keys},
-                         prepare=True).fetchone()
-    return None if row is None else _ReadRow(*row)
+    params = (str(repo.tenant.id).encode(), res_type.encode(), res_id.encode(), draft.res_id.encode(),
+              str(draft.recorded).encode(), draft.digest, str(draft.key_version).encode(), draft.sealed,
+              ("{" + ",".join(str(int(k)) for k in patient_keys) + "}").encode())
+    result = _exec_prepared(repo.conn.connection.info, driver, _PG_READ_RECORDED_NAME, _PG_READ_RECORDED, params,
+                            _PG_READ_RECORDED_FORMATS, binary=True)
+    if result.ntuples == 0:
+        return None
+    version, last_updated, deleted, method, key_version, body = (result.get_value(0, i) for i in range(6))
+    return _ReadRow(_int(version), _int(last_updated), deleted == b"\x01", bytes(method).decode(), _int(key_version),
+                    None if body is None else bytes(body))
+
+
+def _int(value: bytes | None) -> int:
+    """An integer column of a binary result (int4 or int8, big-endian)."""
+    assert value is not None
+    return int.from_bytes(value, "big", signed=True)
 
 
 def discard_draft(repo: ResourceRepository, res_id: str) -> None:
@@ -202,34 +216,39 @@ def discard_draft(repo: ResourceRepository, res_id: str) -> None:
 
 def _pg_record_alone(info: dict[str, Any], driver: psycopg.Connection[Any], tenant_id: int, r: Record) -> None:
     """One record in a transaction of its own (the connection is outside one: autocommit)."""
-    pgconn = driver.pgconn
-    if info.get(_PREPARED) is not pgconn:
-        _prepare(driver)
-        info[_PREPARED] = pgconn
     params = (str(tenant_id).encode(), r.res_id.encode(), str(r.recorded).encode(), r.digest, str(r.key_version).encode(),
               r.sealed)
-    result = pgconn.exec_prepared(_PG_LEAN_NAME, params, _PG_LEAN_FORMATS)
+    _exec_prepared(info, driver, _PG_LEAN_NAME, _PG_LEAN, params, _PG_LEAN_FORMATS)
+
+
+def _exec_prepared(info: dict[str, Any], driver: psycopg.Connection[Any], name: bytes, sql: bytes,
+                   params: tuple[bytes, ...], formats: tuple[int, ...], *, binary: bool = False) -> pq.abc.PGresult:
+    """Run ``sql``, prepared as ``name`` on the pooled connection (``info``: its records) the first time, by libpq
+    itself (``formats``: which parameters are binary; ``binary``: the result too); raises what psycopg would."""
+    pgconn = driver.pgconn
+    prepared = info.setdefault(_PREPARED, {})
+    if prepared.get(name) is not pgconn:
+        _prepare(driver, name, sql)
+        prepared[name] = pgconn
+    result = pgconn.exec_prepared(name, params, formats, result_format=1 if binary else 0)
     if _sqlstate(result) == _UNDEFINED_STATEMENT:
-        _prepare(driver)
-        result = pgconn.exec_prepared(_PG_LEAN_NAME, params, _PG_LEAN_FORMATS)
-    _pg_ok(driver, result)
+        _prepare(driver, name, sql)
+        result = pgconn.exec_prepared(name, params, formats, result_format=1 if binary else 0)
+    if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        raise psycopg_errors.error_from_result(result, encoding=driver.info.encoding)
+    return result
 
 
-def _prepare(driver: psycopg.Connection[Any]) -> None:
-    result = driver.pgconn.prepare(_PG_LEAN_NAME, _PG_LEAN)
-    if _sqlstate(result) != _DUPLICATE_STATEMENT:
-        _pg_ok(driver, result)
+def _prepare(driver: psycopg.Connection[Any], name: bytes, sql: bytes) -> None:
+    result = driver.pgconn.prepare(name, sql)
+    if _sqlstate(result) != _DUPLICATE_STATEMENT and result.status != pq.ExecStatus.COMMAND_OK:
+        raise psycopg_errors.error_from_result(result, encoding=driver.info.encoding)
 
 
 def _sqlstate(result: pq.abc.PGresult) -> bytes | None:
     if result.status != pq.ExecStatus.FATAL_ERROR:
         return None
     return result.error_field(pq.DiagnosticField.SQLSTATE)
-
-
-def _pg_ok(driver: psycopg.Connection[Any], result: pq.abc.PGresult) -> None:
-    if result.status != pq.ExecStatus.COMMAND_OK:
-        raise psycopg_errors.error_from_result(result, encoding=driver.info.encoding)
 
 
 _CHAIN_COLUMNS = ("seq", "res_id", "recorded", "digest", "prev_hash", "hash")
@@ -382,8 +401,13 @@ class AuditLog:
             return None
         # PostgreSQL moves the sealed bodies from the pending rows to the resources itself (_PG_CHAIN), so they are
         # not read here; elsewhere they are carried over.
-        bodies = () if conn.dialect.name == "postgresql" else (P.c.key_version, P.c.body)
-        waiting = select(P.c.res_id, P.c.recorded, P.c.digest, P.c.draft, *bodies).where(P.c.tenant_id == tid)
+        # A draft's body is read to complete it (and its read_ columns: what its read found).
+        postgres = conn.dialect.name == "postgresql"
+        bodies = () if postgres else (P.c.key_version, P.c.body)
+        drafts = (P.c.read_version, P.c.read_deleted, P.c.read_patients,
+                  *((P.c.key_version.label("draft_key_version"), case((P.c.draft.is_(True), P.c.body)).label("draft_body"))
+                    if postgres else ()))
+        waiting = select(P.c.res_id, P.c.recorded, P.c.digest, P.c.draft, *bodies, *drafts).where(P.c.tenant_id == tid)
         if self.finisher is None:
             waiting = waiting.where(P.c.draft.is_not(True))  # (drafts wait for a process that can complete them)
         pending: list[Any] = list(conn.execute(waiting.order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)))
@@ -424,19 +448,16 @@ class AuditLog:
         """``pending`` with its drafts completed (their final records sealed, with their digests: they are chained
         as that, and their pending rows go)."""
         assert self.finisher is not None
-        conn, tid = repo.conn, repo.tenant.id
-        ids = [p.res_id for p in pending if p.draft]
-        rows = {r.res_id: r for r in conn.execute(
-            select(P.c.res_id, P.c.recorded, P.c.key_version, P.c.body, P.c.read_version, P.c.read_deleted, P.c.read_patients)
-            .where(P.c.tenant_id == tid, P.c.res_id.in_(ids)))}
         drafts = []
-        for rid in ids:
-            r = rows[rid]
+        for r in pending:
+            if not r.draft:
+                continue
+            key_version, body = (r.key_version, r.body) if "body" in r._fields else (r.draft_key_version, r.draft_body)
             try:
-                event = repo.sealer.open_resource(AUDIT_EVENT, rid, 1, r.key_version, bytes(r.body))
+                event = repo.sealer.open_resource(AUDIT_EVENT, r.res_id, 1, key_version, bytes(body))
             except IntegrityError:  # altered while pending: chained as it is, for verify to report
                 continue
-            drafts.append(Draft(rid, r.recorded, event, r.read_version, r.read_deleted, (r.read_patients or "").split()))
+            drafts.append(Draft(r.res_id, r.recorded, event, r.read_version, r.read_deleted, (r.read_patients or "").split()))
         key = audit_chain.chain_key(repo.sealer.keys.index_key)
         done: dict[str, _Pending] = {}
         for draft, body in zip(drafts, self.finisher(repo, drafts), strict=True):

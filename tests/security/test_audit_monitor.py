@@ -102,3 +102,18 @@ def test_alerts_are_valid_audit_events_in_the_chain(engine_with: Any, tenant: st
     engine.storage.audit_log.chain(tenant)
     report = engine.storage.audit_log.verify(tenant)
     assert report.ok and report.records == 3
+
+
+@pytest.mark.parametrize("actor", [ae.Actor(client_id="app"), ae.Actor(client_id="app", username="alice"),
+                                   ae.Actor(internal=True), ae.Actor(internal=True, os_user="root"), ae.Actor()],
+                         ids=["backend service", "user", "server", "command line", "anonymous"])
+def test_a_read_decided_before_its_outcome_is_counted_exactly_when_its_completed_record_would_be(actor: ae.Actor) -> None:
+    """A read whose record is written by its own statement is decided before it is known what it finds: the
+    monitor's answer for its draft must be the one it gives for the completed record of a patient's data."""
+    from fhir_server.security.audit_monitor import Monitor
+
+    draft = ae.rest_event("read", 200, None, actor, ae.Place("t"), resources=["Observation/o1"], patients=[],
+                          request_line="GET /Observation/o1", request_id=None)
+    found = ae.complete_read(draft, status=200, description=None, version=2, patients=["p1"])
+    assert Monitor.counts_patient_reads(draft) is Monitor.writes([found])
+    assert Monitor.writes([ae.complete_read(draft, status=200, description=None, version=2, patients=[])]) is False
