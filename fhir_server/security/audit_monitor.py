@@ -60,8 +60,7 @@ class Monitor:
     def counts_patient_reads(event: dict[str, Any]) -> bool:
         """Whether ``writes`` would say so of this rest interaction had it succeeded and found patients' records (a
         read decided before what it finds: it names a user, whose patients the many-patients rule counts)."""
-        return any(a.get("who", {}).get("identifier", {}).get("system") in (ae.USERNAME, ae.OS_USER)
-                   for a in event.get("agent", []))
+        return _Facts(event).username is not None
 
     def evaluate(self, repo: ResourceRepository, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The alerts these events raise (to be appended with them)."""

@@ -230,10 +230,11 @@ def _exec_prepared(info: dict[str, Any], driver: psycopg.Connection[Any], name: 
     if prepared.get(name) is not pgconn:
         _prepare(driver, name, sql)
         prepared[name] = pgconn
-    result = pgconn.exec_prepared(name, params, formats, result_format=1 if binary else 0)
+    result_format = 1 if binary else 0
+    result = pgconn.exec_prepared(name, params, formats, result_format=result_format)
     if _sqlstate(result) == _UNDEFINED_STATEMENT:
         _prepare(driver, name, sql)
-        result = pgconn.exec_prepared(name, params, formats, result_format=1 if binary else 0)
+        result = pgconn.exec_prepared(name, params, formats, result_format=result_format)
     if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
         raise psycopg_errors.error_from_result(result, encoding=driver.info.encoding)
     return result
@@ -399,15 +400,12 @@ class AuditLog:
         head = self._lock_head(conn, tid, wait=wait)
         if head is None:
             return None
-        # PostgreSQL moves the sealed bodies from the pending rows to the resources itself (_PG_CHAIN), so they are
-        # not read here; elsewhere they are carried over.
-        # A draft's body is read to complete it (and its read_ columns: what its read found).
+        # PostgreSQL moves the sealed bodies from the pending rows to the resources itself (_PG_CHAIN), so only the
+        # drafts' are read here (to complete them, with what their reads found); elsewhere they are carried over.
         postgres = conn.dialect.name == "postgresql"
-        bodies = () if postgres else (P.c.key_version, P.c.body)
-        drafts = (P.c.read_version, P.c.read_deleted, P.c.read_patients,
-                  *((P.c.key_version.label("draft_key_version"), case((P.c.draft.is_(True), P.c.body)).label("draft_body"))
-                    if postgres else ()))
-        waiting = select(P.c.res_id, P.c.recorded, P.c.digest, P.c.draft, *bodies, *drafts).where(P.c.tenant_id == tid)
+        body = case((P.c.draft.is_(True), P.c.body)).label("body") if postgres else P.c.body
+        waiting = select(P.c.res_id, P.c.recorded, P.c.digest, P.c.draft, P.c.key_version, body, P.c.read_version,
+                         P.c.read_deleted, P.c.read_patients).where(P.c.tenant_id == tid)
         if self.finisher is None:
             waiting = waiting.where(P.c.draft.is_not(True))  # (drafts wait for a process that can complete them)
         pending: list[Any] = list(conn.execute(waiting.order_by(P.c.recorded, P.c.res_id).limit(CHAIN_BATCH)))
@@ -423,7 +421,7 @@ class AuditLog:
                 h = audit_chain.link(key, tid, seq, prev, digest, p.res_id, p.recorded)
                 row = {"tenant_id": tid, "seq": seq, "res_id": p.res_id, "recorded": p.recorded, "digest": digest,
                        "prev_hash": prev, "hash": h}
-                if bodies or isinstance(p, _Pending):  # (a completed draft: its final body, not its row's)
+                if not postgres or isinstance(p, _Pending):  # (a completed draft: its final body, not its row's)
                     row.update(key_version=p.key_version, body=bytes(p.body))
                 rows.append(row)
                 prev = h
@@ -452,9 +450,8 @@ class AuditLog:
         for r in pending:
             if not r.draft:
                 continue
-            key_version, body = (r.key_version, r.body) if "body" in r._fields else (r.draft_key_version, r.draft_body)
             try:
-                event = repo.sealer.open_resource(AUDIT_EVENT, r.res_id, 1, key_version, bytes(body))
+                event = repo.sealer.open_resource(AUDIT_EVENT, r.res_id, 1, r.key_version, bytes(r.body))
             except IntegrityError:  # altered while pending: chained as it is, for verify to report
                 continue
             drafts.append(Draft(r.res_id, r.recorded, event, r.read_version, r.read_deleted, (r.read_patients or "").split()))
