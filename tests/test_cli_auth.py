@@ -11,6 +11,7 @@ import pytest
 from joserfc.jwk import RSAKey
 
 from fhir_server.security import passwords
+from fhir_server.security.oauth import store as oauth_store
 from fhir_server.security.oauth.store import AuthStore
 from fhir_server.security.crypto import cipher_named
 from fhir_server.security.keys import provider_from_settings
@@ -117,3 +118,14 @@ def test_disabling_a_user_revokes_their_tokens(cli_env: dict[str, str]) -> None:
     proc = run(cli_env, "users", "disable", "--tenant", "default", "--username", "nobody", check=False)
     assert proc.returncode != 0 and "no user" in proc.stderr
     storage.db.dispose()
+
+
+def test_client_ids_never_begin_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line takes a client id as an argument (clients disable ID): one beginning with "-" would be read
+    as an option. Random URL-safe ids begin with "-" once in 64: such a draw is drawn again."""
+    draws = iter(["-4JWWaS-SMeVyeXxX4IY-v9l", "--xX4IY-v9l4JWWaSSMeVye", "a-4JWWaSSMeVyeXxX4IY-v9"])
+    monkeypatch.setattr(oauth_store, "new_secret", lambda nbytes=32: next(draws))
+    assert oauth_store.new_client_id() == "a-4JWWaSSMeVyeXxX4IY-v9"
+    monkeypatch.undo()
+    ids = [oauth_store.new_client_id() for _ in range(2000)]
+    assert not any(i.startswith("-") for i in ids) and {len(i) for i in ids} == {24} and len(set(ids)) == 2000

@@ -39,6 +39,14 @@ def new_secret(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
 
 
+def new_client_id() -> str:
+    """A client's id: 18 random bytes, URL-safe, never beginning with "-" (administrators pass it to the command
+    line, which would read such an id as an option)."""
+    while (client_id := new_secret(18)).startswith("-"):
+        pass
+    return client_id
+
+
 @dataclass(frozen=True)
 class ClientRecord:
     client_id: str
@@ -119,7 +127,7 @@ class AuthStore:
         """A new client: (client_id, client_secret or None). The secret is shown once, never stored."""
         if kind not in CLIENT_KINDS:
             raise ValueError(f"client kind must be one of {', '.join(CLIENT_KINDS)}")
-        client_id = new_secret(18)
+        client_id = new_client_id()
         secret = new_secret(32) if kind == "confidential-symmetric" else None
         self.conn.execute(insert(C).values(
             tenant_id=self.tid, client_id=client_id, name=name, kind=kind, secret_hash=digest(secret) if secret else None,
